@@ -1,0 +1,343 @@
+"""EoMT: learned queries prepended to the last K blocks of a DINOv2 ViT, with a class head and a mask head.
+
+Call contract (everything downstream relies on it):
+
+    mask_logits, class_logits = model(images)            # images: float32 (B, H, W, 3) in [0, 1]
+
+Both results are lists over prediction points, the final prediction last: K + 1 entries when masked attention is
+enabled (one prediction at the input of each of the last K blocks, plus the final one), otherwise 1. Mask logits
+are (B, Q, H/4, W/4) for patch 16 (the patch grid upsampled `num_upscale` times by 2), class logits (B, Q, C + 1)
+with index C meaning "no object".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eomt_jax.models.vit import DinoV2, gelu, layer_norm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state that is saved with the model (the per-block masked-attention probabilities)."""
+
+
+_SIZES = {
+    # size: (embed_dim, depth, mlp_type, mlp_hidden, num_blocks K)
+    "S": (384, 12, "gelu", 1536, 3),
+    "B": (768, 12, "gelu", 3072, 3),
+    "L": (1024, 24, "gelu", 4096, 4),
+    # DINOv2-g: packed SwiGLU, fc1 1536 -> 8192 (gate | value), fc2 4096 -> 1536.
+    "g": (1536, 40, "swiglu", 8192, 5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EoMTConfig:
+    """Architecture hyper-parameters; everything needed to rebuild the network from a checkpoint."""
+
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    patch_size: int = 16
+    image_size: tuple[int, int] = (640, 640)  # the grid the position embedding is stored for
+    num_registers: int = 4
+    mlp_type: str = "gelu"  # "gelu" | "swiglu" (packed, giant)
+    mlp_hidden: int = 4096  # fc1 output width
+    num_queries: int = 200
+    num_classes: int = 133
+    num_blocks: int = 4  # K: blocks that see the queries
+    layer_norm_eps: float = 1e-6
+    layerscale_init: float = 1e-5
+    masked_attn_enabled: bool = True
+    dtype: str = "float32"  # activation / compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", _pair(self.image_size))
+        if self.mlp_type not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp_type must be 'gelu' or 'swiglu', got {self.mlp_type!r}")
+        if not 1 <= self.num_blocks <= self.depth:
+            raise ValueError(f"num_blocks (K) must be in [1, depth={self.depth}], got {self.num_blocks}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for s in self.image_size:
+            if s % self.patch_size:
+                raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def num_upscale(self) -> int:
+        return max(1, int(math.floor(math.log2(self.patch_size))) - 2)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_registers
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EoMTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown EoMT model config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **kw) -> "EoMTConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _pair(x) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    x = tuple(int(v) for v in x)
+    if len(x) != 2:
+        raise ValueError(f"expected an int or a pair (height, width), got {x}")
+    return x
+
+
+def preset(size: str, *, num_classes: int, num_queries: int, image_size, **overrides) -> EoMTConfig:
+    """The model-zoo architectures: size in S, B, L, g (patch 16, 4 registers, 64-wide heads)."""
+    if size not in _SIZES:
+        raise ValueError(f"unknown EoMT size {size!r}; expected one of {sorted(_SIZES)}")
+    dim, depth, mlp_type, hidden, k = _SIZES[size]
+    kw = dict(
+        embed_dim=dim,
+        depth=depth,
+        num_heads=dim // 64,
+        patch_size=16,
+        image_size=image_size,
+        num_registers=4,
+        mlp_type=mlp_type,
+        mlp_hidden=hidden,
+        num_queries=num_queries,
+        num_classes=num_classes,
+        num_blocks=k,
+    )
+    kw.update(overrides)
+    return EoMTConfig(**kw)
+
+
+class ConvTranspose2x2(nnx.Module):
+    """ConvTranspose with kernel 2 and stride 2; kernel laid out (kh, kw, in, out).
+
+    Kernel = stride makes the output 2x2 blocks disjoint, so it is a per-pixel matmul followed by a pixel shuffle.
+    """
+
+    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(dim * 4)
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (2, 2, dim, dim), param_dtype, -bound, bound))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (dim,), param_dtype, -bound, bound))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        y = jnp.einsum("bhwi,acio->bhawco", x, self.kernel[...].astype(x.dtype))
+        return y.reshape(b, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
+
+
+class ScaleBlock(nnx.Module):
+    """2x upsampling of the patch features: ConvTranspose 2x2/2 -> exact GELU -> depthwise 3x3 (no bias) -> LN."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.conv1 = ConvTranspose2x2(dim, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(
+            dim,
+            dim,
+            kernel_size=(3, 3),
+            padding=((1, 1), (1, 1)),
+            feature_group_count=dim,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            rngs=rngs,
+        )
+        self.norm = layer_norm(dim, eps, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.norm(self.conv2(gelu(self.conv1(x))))
+
+
+class MaskHead(nnx.Module):
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+        self.fc2 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+        self.fc3 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc3(gelu(self.fc2(gelu(self.fc1(x)))))
+
+
+def _torch_default_linear(d_in, d_out, dtype, param_dtype, rngs) -> nnx.Linear:
+    # New heads are initialised like a fresh torch.nn.Linear (uniform +-1/sqrt(fan_in)), as in the original training.
+    bound = 1.0 / math.sqrt(d_in)
+    uniform = lambda key, shape, dt=param_dtype: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
+    return nnx.Linear(
+        d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=uniform, bias_init=uniform, rngs=rngs
+    )
+
+
+class EoMT(nnx.Module):
+    def __init__(self, config: EoMTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.backbone = DinoV2(
+            embed_dim=c.embed_dim,
+            depth=c.depth,
+            num_heads=c.num_heads,
+            patch_size=c.patch_size,
+            grid_size=c.grid_size,
+            num_registers=c.num_registers,
+            mlp_type=c.mlp_type,
+            mlp_hidden=c.mlp_hidden,
+            eps=c.layer_norm_eps,
+            layerscale_init=c.layerscale_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.q = nnx.Embed(
+            c.num_queries,
+            c.embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(1.0),
+            rngs=rngs,
+        )
+        self.class_head = _torch_default_linear(c.embed_dim, c.num_classes + 1, dtype, param_dtype, rngs)
+        self.mask_head = MaskHead(c.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # LayerNorm2d of the upscale blocks uses eps 1e-6 whatever the backbone's eps.
+        self.upscale = nnx.List(
+            [
+                ScaleBlock(c.embed_dim, 1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(c.num_upscale)
+            ]
+        )
+        self.attn_mask_probs = Buffer(jnp.ones((c.num_blocks,), jnp.float32))
+
+    # -- prediction head -------------------------------------------------------------------------------------------
+
+    def predict(self, x: jax.Array, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+        """Heads on a token stream `[queries | cls | registers | patches]` (final LayerNorm applied to a copy)."""
+        c = self.config
+        x = self.backbone.norm(x)
+        q = x[:, : c.num_queries]
+        class_logits = self.class_head(q)
+        patches = x[:, c.num_queries + c.num_prefix_tokens :]
+        b, _, d = patches.shape
+        gh, gw = grid
+        feat = patches.reshape(b, gh, gw, d)
+        for block in self.upscale:
+            feat = block(feat)
+        mask_logits = jnp.einsum("bqc,bhwc->bqhw", self.mask_head(q), feat)
+        return mask_logits, class_logits
+
+    def attention_mask(
+        self,
+        mask_logits: jax.Array,
+        keep_prob: jax.Array,
+        key: jax.Array,
+        num_tokens: int,
+        grid: tuple[int, int],
+    ) -> jax.Array:
+        """Boolean (B, N, N) mask, True = may attend; only query rows x patch columns are ever masked.
+
+        Mask logits are bilinearly downsampled (no antialiasing, half-pixel centres) to the patch grid and
+        thresholded at > 0. Each (image, query) keeps its mask with probability `keep_prob`, otherwise the query
+        attends to every patch; `u < p` makes p = 1 always mask and p = 0 never mask.
+        """
+        c = self.config
+        b, nq = mask_logits.shape[:2]
+        gh, gw = grid
+        small = jax.image.resize(
+            mask_logits.astype(jnp.float32), (b, nq, gh, gw), method="bilinear", antialias=False
+        )
+        allowed = (small > 0).reshape(b, nq, gh * gw)
+        keep = jax.random.uniform(key, (b, nq)) < keep_prob
+        allowed = allowed | ~keep[:, :, None]
+        rest = num_tokens - nq
+        return jnp.pad(
+            allowed,
+            ((0, 0), (0, rest), (c.num_prefix_tokens + nq, 0)),
+            constant_values=True,
+        )
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: jax.Array,
+        attn_mask_probs: jax.Array | None = None,
+        *,
+        key: jax.Array | None = None,
+        masked_attn: bool | None = None,
+    ) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Run the network.
+
+        Args:
+          images: float (B, H, W, 3) RGB in [0, 1]; normalised with the ImageNet statistics here.
+          attn_mask_probs: (K,) per-block probability of keeping the attention mask; a traced array so that
+            annealing it during training never recompiles. Defaults to the stored buffer.
+          key: PRNG key for the per-(image, query) random disabling of masks; a fixed key is used when omitted
+            (only matters when a probability is strictly between 0 and 1).
+          masked_attn: overrides `config.masked_attn_enabled` (static).
+        """
+        c = self.config
+        masked = c.masked_attn_enabled if masked_attn is None else masked_attn
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
+        dtype = jnp.dtype(c.dtype)
+        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+        std = jnp.asarray(IMAGENET_STD, jnp.float32)
+        x = ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+        p = c.patch_size
+        grid = (images.shape[1] // p, images.shape[2] // p)
+
+        if masked:
+            probs = self.attn_mask_probs[...] if attn_mask_probs is None else attn_mask_probs
+            probs = jnp.asarray(probs, jnp.float32)
+            if probs.shape != (c.num_blocks,):
+                raise ValueError(f"attn_mask_probs must have shape ({c.num_blocks},), got {probs.shape}")
+            keys = jax.random.split(jax.random.key(0) if key is None else key, c.num_blocks)
+
+        x = self.backbone.embed(x)
+        b = x.shape[0]
+        first = c.depth - c.num_blocks
+        mask_out, class_out = [], []
+        for i, block in enumerate(self.backbone.blocks):
+            mask = None
+            if i == first:
+                queries = jnp.broadcast_to(self.q.embedding[...].astype(x.dtype), (b, c.num_queries, c.embed_dim))
+                x = jnp.concatenate([queries, x], axis=1)
+            if masked and i >= first:
+                mask_logits, class_logits = self.predict(x, grid)
+                mask_out.append(mask_logits)
+                class_out.append(class_logits)
+                j = i - first
+                mask = self.attention_mask(mask_logits, probs[j], keys[j], x.shape[1], grid)
+            x = block(x, mask)
+        mask_logits, class_logits = self.predict(x, grid)
+        mask_out.append(mask_logits)
+        class_out.append(class_logits)
+        return mask_out, class_out
+
+
+def init_model(config: EoMTConfig, seed: int = 0) -> EoMT:
+    return EoMT(config, rngs=nnx.Rngs(seed))

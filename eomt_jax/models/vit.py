@@ -1,0 +1,243 @@
+"""DINOv2 vision transformer, laid out the way EoMT uses it (channels-last Flax NNX).
+
+Parameter names mirror the published PyTorch checkpoints (`patch_embed/proj`, `blocks/{i}/attn/qkv`, `ls1/gamma`,
+...), so that checkpoint conversion is a rename plus layout changes, and so that optimizer and sharding rules can be
+written as regular expressions over familiar paths.
+
+The encoder's block loop is not run here: EoMT interleaves query injection, intermediate predictions and masked
+attention with the blocks, so `EoMT` drives `blocks` itself and this module only provides the pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torch.nn.GELU / HF "gelu" is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
+def gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance: the one-pass E[x^2]-E[x]^2 form loses ~1e-2 on tokens with a large mean offset.
+    return nnx.LayerNorm(
+        dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.truncated_normal(std),
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
+
+
+def attention_weights_and_values(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """Scaled dot-product attention. q, k, v: (B, N, heads, head_dim); mask: bool (B, N, N), True = may attend.
+
+    Scores and softmax run in float32 whatever the activation dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        # No row is ever fully masked (queries always see queries, cls and registers), so a finite fill is safe.
+        scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patch projection: a stride-`patch` convolution, NHWC in, (B, gh*gw, D) out (row-major)."""
+
+    def __init__(self, patch_size: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(
+            3,
+            embed_dim,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.initializers.lecun_normal(),
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.proj(x)
+        b, gh, gw, d = x.shape
+        return x.reshape(b, gh * gw, d)
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim: int, init_value: float, *, param_dtype):
+        self.gamma = nnx.Param(jnp.full((dim,), init_value, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (rows ordered q | k | v, each head-major).
+
+    `rotate_qk` is the hook where a rotary position variant (DINOv3) applies its rotation to q and k.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = dense(dim, 3 * dim, dtype, param_dtype, rngs)
+        self.proj = dense(dim, dim, dtype, param_dtype, rngs)
+
+    def rotate_qk(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return q, k
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = self.rotate_qk(q, k)
+        out = attention_weights_and_values(q, k, v, mask)
+        return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2 (S, B and L backbones)."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = dense(dim, hidden, dtype, param_dtype, rngs)
+        self.fc2 = dense(hidden, dim, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class SwiGLUPacked(nnx.Module):
+    """Packed SwiGLU of the giant backbone: one fc1 whose first half is the SiLU gate and second half the value."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if hidden % 2:
+            raise ValueError(f"packed SwiGLU needs an even fc1 width, got {hidden}")
+        self.fc1 = dense(dim, hidden, dtype, param_dtype, rngs)
+        self.fc2 = dense(hidden // 2, dim, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, value = jnp.split(self.fc1(x), 2, axis=-1)
+        return self.fc2(jax.nn.silu(gate) * value)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with LayerScale: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        mlp_type: str,
+        *,
+        eps: float,
+        layerscale_init: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = layer_norm(dim, eps, dtype, param_dtype, rngs)
+        self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ls1 = LayerScale(dim, layerscale_init, param_dtype=param_dtype)
+        self.norm2 = layer_norm(dim, eps, dtype, param_dtype, rngs)
+        mlp_cls: Callable[..., nnx.Module] = {"gelu": Mlp, "swiglu": SwiGLUPacked}[mlp_type]
+        self.mlp = mlp_cls(dim, mlp_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ls2 = LayerScale(dim, layerscale_init, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.ls1(self.attn(self.norm1(x), mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def resample_pos_embed(pos_embed: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> jax.Array:
+    """Resample a patch-grid position embedding (1, gh*gw, D) to another grid.
+
+    Bicubic with antialiasing and half-pixel centres, as timm resamples DINOv2 position embeddings; PyTorch's
+    antialiased bicubic uses the a = -0.5 kernel, which is the kernel `jax.image.resize` uses.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    d = pos_embed.shape[-1]
+    grid = pos_embed.reshape(1, old_grid[0], old_grid[1], d).astype(jnp.float32)
+    out = jax.image.resize(grid, (1, new_grid[0], new_grid[1], d), method="bicubic", antialias=True)
+    return out.reshape(1, new_grid[0] * new_grid[1], d).astype(pos_embed.dtype)
+
+
+class DinoV2(nnx.Module):
+    """DINOv2 encoder pieces: patch embedding, cls + register tokens, patch-grid position embedding, blocks, norm."""
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        patch_size: int,
+        grid_size: tuple[int, int],
+        num_registers: int,
+        mlp_type: str,
+        mlp_hidden: int,
+        eps: float,
+        layerscale_init: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.grid_size = tuple(grid_size)
+        self.num_registers = num_registers
+        self.num_prefix_tokens = 1 + num_registers
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        init = nnx.initializers.truncated_normal(0.02)
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, embed_dim), param_dtype))
+        if num_registers:
+            self.reg_token = nnx.Param(init(rngs.params(), (1, num_registers, embed_dim), param_dtype))
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, grid_size[0] * grid_size[1], embed_dim), param_dtype))
+        self.blocks = nnx.List(
+            [
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_hidden,
+                    mlp_type,
+                    eps=eps,
+                    layerscale_init=layerscale_init,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for _ in range(depth)
+            ]
+        )
+        self.norm = layer_norm(embed_dim, eps, dtype, param_dtype, rngs)
+
+    def embed(self, x: jax.Array) -> jax.Array:
+        """Normalised NHWC image -> tokens `[cls | registers | patches]` with positions on the patches only."""
+        b, h, w, _ = x.shape
+        p = self.patch_embed.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        tokens = self.patch_embed(x)
+        pos = resample_pos_embed(self.pos_embed[...], self.grid_size, (h // p, w // p))
+        tokens = tokens + pos.astype(tokens.dtype)
+        prefix = [self.cls_token[...]]
+        if self.num_registers:
+            prefix.append(self.reg_token[...])
+        prefix = jnp.concatenate(prefix, axis=1).astype(tokens.dtype)
+        return jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]), tokens], axis=1)

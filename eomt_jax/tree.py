@@ -1,0 +1,46 @@
+"""Parameter-tree paths as 'a/b/0/c' strings, the names that conversion, optimizer and sharding rules match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+def key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path) -> str:
+    return "/".join(key_str(k) for k in path)
+
+
+def flatten_paths(tree: Any) -> dict[str, Any]:
+    """Flat {'a/b/c': leaf} view of an nnx.State, a nested dict, or any pytree."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): v for p, v in leaves}
+
+
+def set_from_flat(state: nnx.State, flat: dict[str, Any]) -> nnx.State:
+    """Return `state` with every leaf replaced by `flat[path]`; all paths must be present."""
+    pure = nnx.to_pure_dict(state)
+    missing = []
+
+    def pick(path, _):
+        p = path_str(path)
+        if p not in flat:
+            missing.append(p)
+            return None
+        return flat[p]
+
+    new = jax.tree_util.tree_map_with_path(pick, pure)
+    if missing:
+        raise KeyError(f"no value for parameter(s): {', '.join(missing)}")
+    nnx.replace_by_pure_dict(state, new)
+    return state
