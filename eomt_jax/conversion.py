@@ -236,6 +236,7 @@ _HF_DINO_RENAMES: list[tuple[str, str]] = [
     (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", _BB + r"patch_embed.proj.\1"),
     (r"^encoder\.layer\.(\d+)\.(norm1|norm2)\.(weight|bias)$", _BB + r"blocks.\1.\2.\3"),
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$", _BB + r"blocks.\1.attn.proj.\2"),
+    (r"^encoder\.layer\.(\d+)\.attention\.o_proj\.(weight|bias)$", _BB + r"blocks.\1.attn.proj.\2"),
     (r"^encoder\.layer\.(\d+)\.layer_scale1\.lambda1$", _BB + r"blocks.\1.ls1.gamma"),
     (r"^encoder\.layer\.(\d+)\.layer_scale2\.lambda1$", _BB + r"blocks.\1.ls2.gamma"),
     (r"^encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", _BB + r"blocks.\1.mlp.\2.\3"),
@@ -255,12 +256,18 @@ def dinov2_to_official(sd: dict[str, np.ndarray], fmt: str) -> dict[str, np.ndar
     else:
         sd = {_strip_hf_prefix(k): v for k, v in sd.items()}
         sd = {k: v for k, v in sd.items() if not _HF_DINO_IGNORED.match(k)}
-        qkv_re = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+        # Hub files name the projections attention.attention.{query,key,value}; recent transformers releases
+        # save them as attention.{q,k,v}_proj.
+        qkv_re = re.compile(
+            r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$"
+        )
+        short = {"q": "query", "k": "key", "v": "value"}
 
         def fused(key, value, groups):
             m = qkv_re.match(key)
             if m:
-                groups.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+                name = m.group(2) or short[m.group(3)]
+                groups.setdefault((m.group(1), m.group(4)), {})[name] = value
                 return True
             return False
 
