@@ -27,6 +27,7 @@ def build(
     image_hw=(64, 64),
     swiglu=False,
     seed=0,
+    perturb_matrices=True,
 ) -> EomtForUniversalSegmentation:
     """A random-weight oracle. Non-square inputs are supported by resizing its position table and grid."""
     torch.manual_seed(seed)
@@ -54,9 +55,12 @@ def build(
         model.embeddings.position_embeddings = torch.nn.Embedding(n, hidden_size)
         model.embeddings.position_ids = torch.arange(n)[None]
     with torch.no_grad():
-        # Perturb every parameter so that no term (LayerScale, norms, biases) sits at a trivial init value.
+        # Perturb parameters so that no term (LayerScale, norms, biases) sits at a trivial init value. At real
+        # widths, perturbing the matrices too would blow the residual stream up by orders of magnitude per block,
+        # so large models keep the initialiser's matrices (std 0.02) and only get their vectors perturbed.
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            if perturb_matrices or p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 
 
