@@ -1,0 +1,41 @@
+"""ADE20K panoptic: EoMT-L (DINOv2), panoptic segmentation.
+
+Initialised, as published, from the COCO panoptic EoMT-L with a fresh class head:
+
+    python convert/torch_to_flax.py --src coco_panoptic_eomt_large_640/pytorch_model.bin \
+        --dst checkpoints/coco_panoptic_eomt_large_640
+    python -m eomt_jax.main --config=configs/ade20k_panoptic_large.py --workdir=W --config.data.root=DATA \
+        --config.init_from=checkpoints/coco_panoptic_eomt_large_640 --config.load_class_head=False
+
+Variants: `configs/ade20k_panoptic_large.py:res=1280`; `:runlocal` is a 2-step smoke run of a tiny model on
+generated data. Evaluate a converted published checkpoint:
+
+    python -m eomt_jax.main --config=configs/ade20k_panoptic_large.py --mode=eval --workdir=W \
+        --config.data.root=DATA --config.init_from=CHECKPOINT
+
+Expected (original model zoo): PQ 50.6 at 640, PQ 51.7 at 1280 (initialised from the COCO panoptic model).
+Sized for: 4 x H100, batch 4 each; global batch 16.
+"""
+
+from eomt_jax import config_lib
+
+
+def get_config(arg=None):
+    a = config_lib.parse_arg(arg, res=640, runlocal=False)
+    if a.res not in (640, 1280):
+        raise ValueError(f"res must be one of (640, 1280), got {a.res}")
+    c = config_lib.experiment(
+        task="panoptic",
+        dataset="ade20k_panoptic",
+        size="L",
+        image_size=a.res,
+        num_classes=150,
+        num_queries=200,
+        epochs=31,
+        anneal_starts=(6520, 13040, 19560, 26080),
+        anneal_ends=(13040, 19560, 26080, 32600),
+        eval_every_epochs=1,
+    )
+    if a.runlocal:
+        c = config_lib.runlocal(c, "ade20k_panoptic")
+    return c

@@ -1,0 +1,41 @@
+"""COCO panoptic: EoMT-g (DINOv2), panoptic segmentation.
+
+Initialised from DINOv2 (vit_giant_patch14_reg4_dinov2.lvd142m), converted once:
+
+    python convert/torch_to_flax.py --src timm/vit_giant_patch14_reg4_dinov2.lvd142m \
+        --dst checkpoints/dinov2_giant_coco_panoptic_640 --config configs/coco_panoptic_giant.py
+    python -m eomt_jax.main --config=configs/coco_panoptic_giant.py --workdir=W --config.data.root=DATA \
+        --config.init_from=checkpoints/dinov2_giant_coco_panoptic_640
+
+Variants: `configs/coco_panoptic_giant.py:res=1280`; `:runlocal` is a 2-step smoke run of a tiny model on
+generated data. Evaluate a converted published checkpoint:
+
+    python -m eomt_jax.main --config=configs/coco_panoptic_giant.py --mode=eval --workdir=W \
+        --config.data.root=DATA --config.init_from=CHECKPOINT
+
+Expected (original model zoo): PQ 57.0 at 640, PQ 59.2 at 1280.
+Sized for: 4+ x 80 GB GPUs; 1280 needs FSDP/remat; global batch 16.
+"""
+
+from eomt_jax import config_lib
+
+
+def get_config(arg=None):
+    a = config_lib.parse_arg(arg, res=640, runlocal=False)
+    if a.res not in (640, 1280):
+        raise ValueError(f"res must be one of (640, 1280), got {a.res}")
+    c = config_lib.experiment(
+        task="panoptic",
+        dataset="coco_panoptic",
+        size="g",
+        image_size=a.res,
+        num_classes=133,
+        num_queries=200,
+        epochs=12,
+        anneal_starts=(14782, 25869, 36955, 48042, 59128),
+        anneal_ends=(29564, 40651, 51737, 62824, 73910),
+        eval_every_epochs=1,
+    )
+    if a.runlocal:
+        c = config_lib.runlocal(c, "coco_panoptic")
+    return c

@@ -1,0 +1,153 @@
+"""Building blocks of the configuration files in `configs/`.
+
+A configuration is an `ml_collections.ConfigDict`. Every file in `configs/` calls `experiment(...)` with the
+numbers of one published setting (UPSTREAM §3.7 of the original), so the files stay short and the structure is
+defined once, here. Top-level keys that scripts and documentation rely on:
+
+  task, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, max_steps_per_run, seed,
+  init_from, load_class_head, and the sections data, model, anneal, loss, optim, mesh, eval, log.
+
+`arg` strings follow big_vision's convention: `file.py:res=1280,runlocal` -> {"res": "1280", "runlocal": True}.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from eomt_jax import optim
+from eomt_jax.models.eomt import preset
+
+# Optimizer steps per epoch at global batch 16 with drop_last (inferred from the original's annealing milestones
+# for COCO; dataset size // 16 for ADE20K and Cityscapes).
+STEPS_PER_EPOCH = {"coco": 7391, "ade20k": 1263, "cityscapes": 185}
+
+# Training augmentation per dataset: (scale-jitter range, colour jitter).
+AUGMENT = {
+    "coco_panoptic": ((0.1, 2.0), False),
+    "coco_instance": ((0.1, 2.0), False),
+    "ade20k_panoptic": ((0.1, 2.0), True),
+    "ade20k_semantic": ((0.5, 2.0), True),
+    "cityscapes_semantic": ((0.5, 2.0), True),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'res=1280,runlocal' -> ConfigDict(res=1280, runlocal=True), typed like `defaults`; unknown keys fail."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; expected one of {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return ml_collections.ConfigDict(out)
+
+
+def experiment(
+    *,
+    task: str,
+    dataset: str,
+    size: str,
+    image_size: int,
+    num_classes: int,
+    num_queries: int,
+    epochs: int,
+    anneal_starts: tuple[int, ...],
+    anneal_ends: tuple[int, ...],
+    eval_every_epochs: int = 1,
+) -> ml_collections.ConfigDict:
+    family = dataset.split("_")[0]
+    steps_per_epoch = STEPS_PER_EPOCH[family]
+    scale_range, color_jitter = AUGMENT[dataset]
+    c = ml_collections.ConfigDict()
+    c.task = task  # panoptic | instance | semantic
+    c.total_steps = epochs * steps_per_epoch
+    c.log_every_steps = 50
+    c.eval_every_steps = eval_every_epochs * steps_per_epoch
+    c.checkpoint_every_steps = 2000
+    c.max_steps_per_run = 0  # 0 = no limit; >0 stops (with a checkpoint) after that many steps of this process
+    c.seed = 0
+    c.init_from = ""  # converted EoMT checkpoint or DINOv2 backbone (convert/torch_to_flax.py)
+    c.load_class_head = True  # False to fine-tune on a dataset with other classes
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = dataset  # eomt_jax.data.load_source name
+    c.data.root = ""  # folder with the official zips
+    c.data.image_size = image_size
+    c.data.batch_size = 16  # global, as in the paper (e.g. 4 devices x 4)
+    c.data.max_instances = 100 if task != "semantic" else num_classes
+    c.data.scale_range = scale_range
+    c.data.color_jitter = color_jitter
+    c.data.num_workers = 4
+    c.data.generate = ""  # "": real data; else a synthetic kind generated into root when missing
+
+    model = preset(size, num_classes=num_classes, num_queries=num_queries, image_size=image_size).to_dict()
+    model["image_size"] = tuple(model["image_size"])
+    c.model = ml_collections.ConfigDict(model)
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+
+    c.anneal = ml_collections.ConfigDict()
+    c.anneal.starts = tuple(anneal_starts)
+    c.anneal.ends = tuple(anneal_ends)
+    c.anneal.power = 0.9
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.num_points = 12544
+    c.loss.oversample_ratio = 3.0
+    c.loss.importance_sample_ratio = 0.75
+    c.loss.no_object_coefficient = 0.1
+    c.loss.mask_coefficient = 5.0
+    c.loss.dice_coefficient = 5.0
+    c.loss.class_coefficient = 2.0
+    c.loss.matcher = "scipy"  # scipy (host, per device shard) | optax (on device)
+
+    c.optim = optim.default_config()
+
+    c.mesh = [("data", -1), ("fsdp", 1)]
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 8
+    c.eval.masked_attn = False  # published evaluations run without masks
+    c.eval.mask_thresh = 0.8
+    c.eval.overlap_thresh = 0.8
+    c.eval.top_k_instances = 100
+    c.eval.max_images = 0  # 0 = the whole split
+    c.eval.save_predictions = False
+
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True
+    c.log.wandb = False
+    c.log.wandb_project = "eomt_jax"
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict, synthetic_kind: str) -> ml_collections.ConfigDict:
+    """Shrink a configuration to a smoke run on generated data: tiny model, 64 px, 2 steps."""
+    c.total_steps = 2
+    c.log_every_steps = 1
+    c.eval_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.data.root = ""  # resolved to <workdir>/data by the trainer
+    c.data.generate = synthetic_kind
+    c.data.image_size = 64
+    c.data.batch_size = 8
+    c.data.max_instances = 8
+    c.data.num_workers = 0
+    tiny = preset("S", num_classes=c.model.num_classes, num_queries=8, image_size=64).to_dict()
+    tiny.update(embed_dim=64, depth=3, num_heads=2, mlp_hidden=128, num_blocks=2, image_size=(64, 64))
+    c.model = ml_collections.ConfigDict(dict(tiny, dtype="float32"))
+    c.anneal.starts = (0, 1)
+    c.anneal.ends = (1, 2)
+    c.loss.num_points = 256
+    c.optim.warmup_steps = (1, 1)
+    c.eval.batch_size = 4
+    c.eval.max_images = 4
+    c.log.tensorboard = False
+    return c
