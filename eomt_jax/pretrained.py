@@ -40,12 +40,14 @@ def load(
     masked_attn_enabled: bool = False,
     dtype: str | None = None,
     param_dtype: str | None = None,
+    attention: str | None = None,
 ) -> EoMT:
     """Rebuild the network and restore its parameters.
 
     Masked attention is off by default, as in every published evaluation; turn it on to reproduce training-time
     validation (the stored per-block probabilities are then used).
-    `dtype` sets the compute dtype (e.g. "bfloat16"); `param_dtype` casts the stored parameters.
+    `dtype` sets the compute dtype (e.g. "bfloat16"); `param_dtype` casts the stored parameters; `attention`
+    picks the attention implementation ("plain" or "fused").
     """
     path = Path(path).absolute()
     meta = read_metadata(path)
@@ -55,6 +57,7 @@ def load(
         masked_attn_enabled=masked_attn_enabled,
         dtype=dtype or config.dtype,
         param_dtype=param_dtype or stored_dtype,
+        attention=attention or config.attention,
     )
     abstract = nnx.eval_shape(lambda: EoMT(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

@@ -60,9 +60,12 @@ class EoMTConfig:
     masked_attn_enabled: bool = True
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
+    attention: str = "plain"  # "plain" (einsum + softmax) | "fused" (jax.nn.dot_product_attention)
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", _pair(self.image_size))
+        if self.attention not in ("plain", "fused"):
+            raise ValueError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
         if self.mlp_type not in ("gelu", "swiglu"):
             raise ValueError(f"mlp_type must be 'gelu' or 'swiglu', got {self.mlp_type!r}")
         if not 1 <= self.num_blocks <= self.depth:
@@ -212,6 +215,7 @@ class EoMT(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            attention=c.attention,
         )
         self.q = nnx.Embed(
             c.num_queries,

@@ -41,12 +41,18 @@ def dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, std: float 
 
 
 def attention_weights_and_values(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: str = "plain"
 ) -> jax.Array:
     """Scaled dot-product attention. q, k, v: (B, N, heads, head_dim); mask: bool (B, N, N), True = may attend.
 
-    Scores and softmax run in float32 whatever the activation dtype.
+    impl "plain": einsum + softmax with scores and softmax in float32 whatever the activation dtype.
+    impl "fused": `jax.nn.dot_product_attention`, which picks cuDNN's fused kernel on GPUs where the shapes
+    allow and falls back to XLA elsewhere.
     """
+    if impl == "fused":
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None])
+    if impl != "plain":
+        raise ValueError(f"attention implementation must be 'plain' or 'fused', got {impl!r}")
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
@@ -93,10 +99,11 @@ class Attention(nnx.Module):
     `rotate_qk` is the hook where a rotary position variant (DINOv3) applies its rotation to q and k.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "plain"):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.impl = impl
         self.qkv = dense(dim, 3 * dim, dtype, param_dtype, rngs)
         self.proj = dense(dim, dim, dtype, param_dtype, rngs)
 
@@ -108,7 +115,7 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = self.rotate_qk(q, k)
-        out = attention_weights_and_values(q, k, v, mask)
+        out = attention_weights_and_values(q, k, v, mask, self.impl)
         return self.proj(out.reshape(b, n, d))
 
 
@@ -152,9 +159,10 @@ class Block(nnx.Module):
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
+        attention: str = "plain",
     ):
         self.norm1 = layer_norm(dim, eps, dtype, param_dtype, rngs)
-        self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=attention)
         self.ls1 = LayerScale(dim, layerscale_init, param_dtype=param_dtype)
         self.norm2 = layer_norm(dim, eps, dtype, param_dtype, rngs)
         mlp_cls: Callable[..., nnx.Module] = {"gelu": Mlp, "swiglu": SwiGLUPacked}[mlp_type]
@@ -199,6 +207,7 @@ class DinoV2(nnx.Module):
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
+        attention: str = "plain",
     ):
         self.grid_size = tuple(grid_size)
         self.num_registers = num_registers
@@ -221,6 +230,7 @@ class DinoV2(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     rngs=rngs,
+                    attention=attention,
                 )
                 for _ in range(depth)
             ]

@@ -68,3 +68,29 @@ def test_bad_inputs_are_rejected_clearly():
         net(jnp.zeros((1, 40, 32, 3)))
     with pytest.raises(ValueError, match=r"attn_mask_probs must have shape \(2,\)"):
         net(jnp.zeros((1, 32, 32, 3)), jnp.ones((3,)))
+
+
+def test_fused_attention_equals_the_plain_path():
+    """jax.nn.dot_product_attention (cuDNN on GPUs, XLA here) computes the same network, masks included."""
+    plain = init_model(CFG)
+    fused = init_model(CFG.replace(attention="fused"))
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
+    for probs in (jnp.ones(2), jnp.zeros(2)):
+        a, ca = plain(images, probs)
+        b, cb = fused(images, probs)
+        for x, y in zip(a + ca, b + cb):
+            # Same float32 arithmetic up to summation order.
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    net32 = init_model(CFG)
+    net16 = init_model(CFG.replace(dtype="bfloat16"))
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
+    a, ca = net32(images, masked_attn=False)
+    b, cb = net16(images, masked_attn=False)
+    assert b[0].dtype == jnp.bfloat16
+    # bf16 keeps 8 mantissa bits (~0.4% per rounding); relative to the logits' range, a few percent at most.
+    for x, y in ((a[0], b[0]), (ca[0], cb[0])):
+        x, y = np.asarray(x), np.asarray(y, np.float32)
+        assert np.abs(x - y).max() / np.abs(x).max() < 0.05
