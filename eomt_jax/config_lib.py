@@ -15,7 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from eomt_jax import optim
-from eomt_jax.models.eomt import preset
+from eomt_jax.models.eomt import EoMTConfig, preset
 
 # Optimizer steps per epoch at global batch 16 with drop_last (inferred from the original's annealing milestones
 # for COCO; dataset size // 16 for ADE20K and Cityscapes).
@@ -151,3 +151,10 @@ def runlocal(c: ml_collections.ConfigDict, synthetic_kind: str) -> ml_collection
     c.eval.max_images = 4
     c.log.tensorboard = False
     return c
+
+
+def model_config(config) -> EoMTConfig:
+    """The network architecture from a config's `model` section."""
+    d = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    d["image_size"] = tuple(d["image_size"])
+    return EoMTConfig.from_dict(d)
