@@ -1,0 +1,70 @@
+"""`python -m eomt_jax.export`: serialise the inference network with `jax.export` (StableHLO) for serving.
+
+    python -m eomt_jax.export --checkpoint out/ --image-size 640 --out eomt_l_640.jaxexport
+
+The exported function takes float32 images (batch, S, S, 3) in [0, 1] with a symbolic batch dimension and returns
+the final (mask_logits, class_logits); the weights are embedded, so serving needs no Python model code:
+
+    from jax import export
+    exported = export.deserialize(open("eomt_l_640.jaxexport", "rb").read())
+    mask_logits, class_logits = exported.call(images)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import export
+
+from eomt_jax import pretrained
+from eomt_jax.models.eomt import EoMT
+
+
+def export_model(model: EoMT, image_size: int | tuple[int, int], *, symbolic_batch: bool = True) -> export.Exported:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    graphdef, state = nnx.split(model)
+
+    def forward(images):
+        mask_logits, class_logits = nnx.merge(graphdef, state)(images, masked_attn=False)
+        return mask_logits[-1], class_logits[-1]
+
+    batch = export.symbolic_shape("batch")[0] if symbolic_batch else 1
+    return export.export(jax.jit(forward))(jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eomt_jax.export", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="converted checkpoint directory")
+    p.add_argument("--image-size", type=int, default=0, help="square input size (default: the checkpoint's)")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--fixed-batch", action="store_true", help="export for batch 1 instead of a symbolic batch")
+    args = p.parse_args(argv)
+    model = pretrained.load(args.checkpoint, dtype=args.dtype)
+    size = args.image_size or model.config.image_size
+    exported = export_model(model, size, symbolic_batch=not args.fixed_batch)
+    write_atomic(Path(args.out), exported.serialize())
+    print(f"wrote {args.out}: input {exported.in_avals[0]}, outputs {[str(a) for a in exported.out_avals]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
