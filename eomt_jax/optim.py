@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from eomt_jax.tree import path_str as path_to_str
+
 GROUPS = ("backbone", "head")
 
 # Parameter names of `eomt_jax.models.eomt.EoMT` (DINOv2 backbone). A backbone with other names (DINOv3) needs
@@ -78,29 +80,6 @@ _KEYS = frozenset(default_config().keys())
 
 
 # -- parameter paths -------------------------------------------------------------------------------------------------
-
-
-def path_to_str(path: tuple) -> str:
-    """'a/b/0/c' for a `jax.tree_util` key path of a dict, an `nnx.State`, lists, tuples or dataclasses.
-
-    `nnx.State` leaves sit under a Variable, which adds a trailing `.value` attribute key; it is dropped so that a
-    pure dict and the State of the same model give the same names.
-    """
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def param_paths(params: Any) -> list[str]:

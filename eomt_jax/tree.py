@@ -9,13 +9,23 @@ from flax import nnx
 
 
 def key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
+    if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.FlattenedIndexKey)):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
     return str(k)
 
 
 def path_str(path) -> str:
+    """'a/b/0/c' for a `jax.tree_util` key path of a dict, an `nnx.State`, lists, tuples or dataclasses.
+
+    `nnx.State` leaves sit under a Variable, which adds a trailing `.value` attribute key; it is dropped so that a
+    pure dict and the State of the same model give the same names.
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return "/".join(key_str(k) for k in path)
 
 
