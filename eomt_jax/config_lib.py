@@ -128,8 +128,19 @@ def experiment(
     return c
 
 
-def runlocal(c: ml_collections.ConfigDict, synthetic_kind: str) -> ml_collections.ConfigDict:
+# The generated dataset (eomt_jax.data.synthetic kind) that stands in for each real one in smoke runs.
+SYNTHETIC_KIND = {
+    "coco_panoptic": "coco_panoptic",
+    "coco_instance": "coco_instance",
+    "ade20k_panoptic": "ade20k",
+    "ade20k_semantic": "ade20k",
+    "cityscapes_semantic": "cityscapes",
+}
+
+
+def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
     """Shrink a configuration to a smoke run on generated data: tiny model, 64 px, 2 steps."""
+    synthetic_kind = SYNTHETIC_KIND[dataset]
     c.total_steps = 2
     c.log_every_steps = 1
     c.eval_every_steps = 2

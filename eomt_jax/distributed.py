@@ -1,0 +1,50 @@
+"""Multi-process start-up on JAX's own distributed runtime (TPU pods, SLURM, Open MPI, or explicit flags).
+
+`--distributed=auto` lets `jax.distributed.initialize` detect the cluster (TPU pod metadata, SLURM or Open MPI
+environment variables) and falls back to a single process when there is none; explicit
+`--coordinator_address/--num_processes/--process_id` start any other set-up (e.g. plain multi-node GPUs);
+`--distributed=off` never initialises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger("eomt_jax")
+
+# Environment variables that mean "launched by a cluster manager JAX knows how to read".
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    if mode not in ("auto", "off"):
+        raise ValueError(f"--distributed must be 'auto' or 'off', got {mode!r}")
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if mode == "off":
+        if explicit:
+            raise ValueError("--distributed=off contradicts --coordinator_address/--num_processes/--process_id")
+        return
+    if explicit:
+        missing = [n for n, v in (("--coordinator_address", coordinator_address), ("--num_processes", num_processes),
+                                  ("--process_id", process_id)) if v is None]
+        if missing:
+            raise ValueError(f"explicit multi-process start-up needs {', '.join(missing)} as well")
+        # CPU devices of several processes talk through gloo collectives (ignored by GPU and TPU backends).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif any(v in os.environ for v in _CLUSTER_ENV) or _on_tpu_pod():
+        jax.distributed.initialize()
+    log.info(
+        "process %d of %d: %d local devices, %d global devices (%s)",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+
+
+def _on_tpu_pod() -> bool:
+    # A multi-host TPU slice sets TPU_WORKER_ID/TPU_WORKER_HOSTNAMES; a single TPU VM needs no initialisation.
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
