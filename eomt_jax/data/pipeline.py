@@ -1,0 +1,229 @@
+"""Grain pipelines that turn a source into fixed-shape batches for a jitted step, sharded across processes.
+
+Training (`train_dataset` + `TrainIterator`):
+
+    source -> seeded shuffle (a new order each epoch) -> repeat -> augment (`TrainTransform`, seeded per
+    element) -> this process's slice [process_index::process_count] -> drop skipped samples -> batch ->
+    optional worker processes -> global `jax.Array`s (`jax.make_array_from_process_local_data`)
+
+Augmentation is keyed by the element's position in the global stream, so the global batch is the same
+whatever the number of processes: process p holds rows p, p + P, p + 2P, ... of the single-process batch.
+(A sample skipped by `TrainTransform`, which is rare and logged, shifts its process's stream from then on.)
+A global batch holds `image` uint8 (B, S, S, 3), `masks` bool (B, M, S, S), `labels` int32 (B, M),
+`valid` bool (B, M) and `is_crowd` bool (B, M). Masks travel bit-packed from the workers to the device by
+default (`TrainSettings.pack_masks`) and are unpacked there.
+
+The iterator state (`TrainIterator.get_state()`, or `grain.checkpoint.CheckpointSave(it.grain_iterator)` in
+an Orbax checkpoint) restores exactly the same next batches. It depends on the number of worker processes:
+resume with the same `num_workers`.
+
+Evaluation (`eval_dataset`): every image once, resized so the long side is S and zero-padded, with its
+original and resized size; the last batch is filled with `is_padding` rows instead of dropping images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eomt_jax.data.sources import Source
+from eomt_jax.data.transforms import TrainTransform, resize_and_pad
+
+TRAIN_KEYS = ("image", "masks", "labels", "valid", "is_crowd")
+
+# Upstream data-module settings per dataset: training image size, colour jitter, scale-jitter range.
+DATASET_DEFAULTS = {
+    "coco_panoptic": dict(image_size=640, color_jitter=False, scale_range=(0.1, 2.0)),
+    "coco_instance": dict(image_size=640, color_jitter=False, scale_range=(0.1, 2.0)),
+    "ade20k_panoptic": dict(image_size=640, color_jitter=True, scale_range=(0.1, 2.0)),
+    "ade20k_semantic": dict(image_size=512, color_jitter=True, scale_range=(0.5, 2.0)),
+    "cityscapes_semantic": dict(image_size=1024, color_jitter=True, scale_range=(0.5, 2.0)),
+    "coco_format": dict(image_size=640, color_jitter=False, scale_range=(0.1, 2.0)),
+    # Not upstream: the generated demo data (128 px), where a 0.1 scale would shrink shapes to a few pixels.
+    "shapes": dict(image_size=128, color_jitter=False, scale_range=(0.5, 1.5)),
+}
+
+
+def _allow_grain_workers() -> None:
+    # Grain's worker processes read an absl flag; outside `absl.app.run` (tests, notebooks, plain scripts)
+    # reading it raises UnparsedFlagAccessError unless the flags are marked as parsed.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} out of range for process_count {count}")
+    return index, count
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Everything that shapes the training stream, with the COCO panoptic defaults of the original."""
+
+    image_size: int = 640
+    batch_size: int = 16  # global, over all processes
+    max_instances: int = 100
+    seed: int = 0
+    scale_range: tuple[float, float] = (0.1, 2.0)
+    color_jitter: bool = False
+    num_workers: int = 0  # Grain worker processes per JAX process; 0 = decode in this process
+    num_threads: int = 2  # reading threads per process (per worker when num_workers > 0)
+    max_redraws: int = 10
+    # Ship masks bit-packed (8x fewer bytes) from the workers and unpack them on the device (see
+    # `make_global_batch`): `TrainIterator` batches are the same either way, the raw `train_dataset` batches
+    # carry `masks_packed` instead of `masks`. Unpacked masks (100 x 640 x 640 bytes per image) make the
+    # transfer from worker processes the bottleneck.
+    pack_masks: bool = True
+
+    @classmethod
+    def for_dataset(cls, name: str, **overrides) -> TrainSettings:
+        return cls(**{**DATASET_DEFAULTS.get(name, {}), **overrides})
+
+
+def train_dataset(source: Source, settings: TrainSettings, *, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+    """This process's stream of training batches (numpy dicts with `TRAIN_KEYS`, batch_size / processes rows;
+    with `settings.pack_masks`, `masks_packed` replaces `masks`: read it through `TrainIterator`).
+
+    `process_index`/`process_count` default to JAX's; pass them to simulate another process.
+    """
+    index, count = _process(process_index, process_count)
+    if settings.batch_size % count:
+        raise ValueError(f"batch_size {settings.batch_size} is not divisible by {count} processes")
+    transform = TrainTransform(settings.image_size, settings.max_instances, tuple(settings.scale_range),
+                               settings.color_jitter, settings.max_redraws, settings.pack_masks)
+    ds = grain.MapDataset.source(source).shuffle(seed=settings.seed).repeat()
+    # Augment before slicing: the random draws then follow the global position, not the process's.
+    ds = ds.random_map(transform, seed=settings.seed)[index::count]
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=settings.num_threads, prefetch_buffer_size=8))
+    ds = ds.batch(settings.batch_size // count, drop_remainder=True)
+    if settings.num_workers > 0:
+        _allow_grain_workers()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.num_workers))
+    return ds
+
+
+@functools.lru_cache(maxsize=None)
+def _unpacker(width: int, sharding: jax.sharding.Sharding):
+    return jax.jit(lambda packed: jnp.unpackbits(packed, axis=-1, count=width).astype(bool),
+                   out_shardings=sharding)
+
+
+def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
+    """Host-side inverse of `pack_masks`: uint8 (..., ceil(S / 8)) -> bool (..., S)."""
+    return np.unpackbits(packed, axis=-1, count=width).astype(bool)
+
+
+def make_global_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,
+                      keys: tuple[str, ...] = TRAIN_KEYS) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded along the batch axis by `sharding`.
+
+    Bit-packed masks (`masks_packed`) cross to the device packed and are unpacked there into `masks`.
+    """
+    batch = {}
+    for k in keys:
+        if k == "masks" and "masks" not in local and "masks_packed" in local:
+            packed = jax.make_array_from_process_local_data(sharding, np.asarray(local["masks_packed"]))
+            batch[k] = _unpacker(local["image"].shape[2], sharding)(packed)
+        else:
+            batch[k] = jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+    return batch
+
+
+class TrainIterator:
+    """Iterator of global training batches with a saveable position (numpy batches when `sharding` is None;
+    bit-packed masks are unpacked either way, so batches always carry bool `masks`).
+
+        it = TrainIterator(train_dataset(source, settings), NamedSharding(mesh, P("data")))
+        batch = next(it)                   # dict of global jax.Arrays
+        state = it.get_state()             # JSON-serialisable; or checkpoint `it.grain_iterator` with Orbax
+        it.set_state(state)                # the next batches repeat exactly
+    """
+
+    def __init__(self, dataset: grain.IterDataset, sharding: jax.sharding.Sharding | None):
+        self.grain_iterator = iter(dataset)
+        self._sharding = sharding
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        local = next(self.grain_iterator)
+        if self._sharding is not None:
+            return make_global_batch(local, self._sharding)
+        if "masks_packed" in local:
+            local = dict(local)
+            local["masks"] = unpack_masks(local.pop("masks_packed"), local["image"].shape[2])
+        return local
+
+    def get_state(self) -> dict[str, Any]:
+        return self.grain_iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.grain_iterator.set_state(state)
+
+    def close(self) -> None:
+        close = getattr(self.grain_iterator, "close", None)
+        if close is not None:
+            close()
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+class _PaddedIndex:
+    """Indices 0..n-1 of the source, then -1 (padding) up to a multiple of the global batch size."""
+
+    def __init__(self, n: int, multiple: int):
+        self.n, self.total = n, -(-n // multiple) * multiple
+
+    def __len__(self):
+        return self.total
+
+    def __getitem__(self, i):
+        return i if i < self.n else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalLoad:
+    source: Source
+    image_size: int
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            return {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+                    "orig_size": np.zeros(2, np.int32), "resized_size": np.zeros(2, np.int32),
+                    "index": np.int32(-1), "image_id": "", "is_padding": np.True_}
+        record = self.source[index]
+        image, resized = resize_and_pad(record["image"], self.image_size)
+        return {"image": image, "orig_size": np.asarray(record["image"].shape[:2], np.int32),
+                "resized_size": np.asarray(resized, np.int32), "index": np.int32(index),
+                "image_id": record["image_id"], "is_padding": np.False_}
+
+
+def eval_dataset(source: Source, *, image_size: int, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None, num_threads: int = 2) -> grain.IterDataset:
+    """This process's evaluation batches: every image once, in source order, padded to full batches.
+
+    Rows: `image` uint8 (S, S, 3) (long side resized to S, zero-padded), `orig_size` / `resized_size` int32
+    (h, w), `index` (position in `source`, -1 for padding), `image_id`, `is_padding`. The evaluator reads the
+    original-resolution targets with `source[index]`.
+    """
+    index, count = _process(process_index, process_count)
+    if batch_size % count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
+    ds = grain.MapDataset.source(_PaddedIndex(len(source), batch_size))[index::count]
+    ds = ds.map(_EvalLoad(source, image_size))
+    return ds.batch(batch_size // count).to_iter_dataset(grain.ReadOptions(num_threads=num_threads))

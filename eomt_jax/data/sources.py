@@ -1,0 +1,490 @@
+"""Random-access data sources that read the official dataset zips in place (nothing is unpacked or converted).
+
+Every source is a Grain-compatible random-access source (`len(source)`, `source[i]`) whose records are dicts:
+
+    image     uint8 (H, W, 3)   the image at its original resolution
+    masks     bool  (N, H, W)   one mask per segment
+    labels    int32 (N,)        contiguous class ids (see `classes.py`)
+    is_crowd  bool  (N,)
+    image_id  str               the image file's stem
+
+and which also exposes `class_names`, `stuff_classes` and `num_classes`. Index order, skipped images and
+class maps follow the original EoMT data modules, so image `i` is the same image in both implementations.
+Use `load_source(name, root, split)`; `SOURCES` lists the names.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from eomt_jax.data import classes
+from eomt_jax.data.archives import DataError, FolderReader, Reader, ZipReader, decode_image, decode_png
+from eomt_jax.data.transforms import resize_nearest
+
+Record = dict[str, Any]
+_SPLITS = ("train", "val")
+
+
+def _index_order(member: str) -> tuple[int, str]:
+    # The original sorts by the first integer in the path, then the path. Every official path starts with
+    # a folder holding a number (train2017, ADEChallengeData2016, leftImg8bit), so this is path order.
+    number = re.search(r"\d+", member)
+    return (int(number.group()) if number else -1, member)
+
+
+def _stem(member: str) -> str:
+    return os.path.splitext(os.path.basename(member))[0]
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+
+
+def _read_json(reader: Reader, member: str) -> Any:
+    try:
+        return json.loads(reader.read(member))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{reader.where}: member {member!r} is not valid JSON ({e})") from e
+
+
+def make_record(image, masks: list[np.ndarray], labels: list[int], is_crowd: list[bool], image_id: str) -> Record:
+    """A record dict with the documented dtypes and shapes (also for an image without any segment)."""
+    h, w = image.shape[:2]
+    return {
+        "image": image,
+        "masks": np.stack(masks).astype(bool) if masks else np.zeros((0, h, w), bool),
+        "labels": np.asarray(labels, np.int32).reshape(-1),
+        "is_crowd": np.asarray(is_crowd, bool).reshape(-1),
+        "image_id": image_id,
+    }
+
+
+def _read_target(reader: Reader, member: str, image: np.ndarray) -> np.ndarray:
+    target = decode_png(reader, member)
+    if target.shape[:2] != image.shape[:2]:
+        # The original resizes a target of another size to the image with nearest-neighbour sampling.
+        target = resize_nearest(target, image.shape[:2])
+    return target
+
+
+def _image_members(reader: Reader, folder: str, suffix: str) -> list[str]:
+    return sorted((n for n in reader.names() if n.startswith(folder) and n.endswith(suffix)), key=_index_order)
+
+
+def _parallel_filter(keep: Callable[[Any], bool], items: Sequence[Any]) -> list[Any]:
+    # Index building decodes every target PNG once; PIL releases the GIL while decoding, so threads help.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+        flags = list(pool.map(keep, items))
+    return [item for item, k in zip(items, flags) if k]
+
+
+class Source:
+    """Base of every source: a list of index entries and a loader turning one entry into a record."""
+
+    class_names: list[str]
+    stuff_classes: list[int]
+
+    def __init__(self, entries: list[Any], description: str):
+        if not entries:
+            raise DataError(f"{description}: no usable image found; expected images with annotations of the "
+                            "same split (are the image and annotation files from the same dataset and split?)")
+        self._entries = entries
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> Record:
+        return self._load(self._entries[index])
+
+    def _load(self, entry: Any) -> Record:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
+
+
+def _categories_from_json(categories: list[dict], where: str) -> tuple[dict[int, int], list[str], list[int]]:
+    """A user's COCO categories -> (id -> contiguous label, names, stuff labels); labels follow sorted ids."""
+    try:
+        ordered = sorted(categories, key=lambda c: c["id"])
+        id_to_label = {c["id"]: i for i, c in enumerate(ordered)}
+        names = [str(c.get("name", c["id"])) for c in ordered]
+        stuff = [i for i, c in enumerate(ordered) if c.get("isthing", 1) == 0]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{where}: 'categories' entries need an integer 'id' ({e!r})") from e
+    if not ordered:
+        raise DataError(f"{where}: 'categories' is empty")
+    return id_to_label, names, stuff
+
+
+# --------------------------------------------------------------------------------------------- COCO panoptic
+
+
+class COCOPanoptic(Source):
+    """COCO panoptic (133 classes) from `{split}2017.zip` and `panoptic_annotations_trainval2017.zip`.
+
+    The per-image segment PNGs are read from the zip nested inside the annotations zip. An image is skipped
+    when the JSON has no segment for it. With `classes_from_json` the class list comes from the JSON's
+    categories (a user's dataset in the COCO layout, e.g. the generated `shapes` dataset).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, *, classes_from_json: bool = False,
+                 images: Reader | None = None, pngs: Reader | None = None,
+                 annotations: tuple[Reader, str] | None = None):
+        _check_split(split)
+        if annotations is None:
+            ann_zip = ZipReader(os.path.join(root, "panoptic_annotations_trainval2017.zip"))
+            annotations = (ann_zip, f"annotations/panoptic_{split}2017.json")
+            pngs = ZipReader(ann_zip.path, nested=f"annotations/panoptic_{split}2017.zip")
+            images = ZipReader(os.path.join(root, f"{split}2017.zip"))
+            image_folder, self._png_folder = f"{split}2017/", f"panoptic_{split}2017/"
+        else:  # a user's folder layout (see `coco_format`): members are found by file name anywhere
+            image_folder, self._png_folder = "", None
+        self._images, self._pngs = images, pngs
+        reader, member = annotations
+        data = _read_json(reader, member)
+        where = f"{reader.where}: {member}"
+        try:
+            if classes_from_json:
+                self._id_to_label, self.class_names, self.stuff_classes = _categories_from_json(
+                    data["categories"], where)
+            else:
+                self._id_to_label = classes.COCO_PANOPTIC_ID_TO_LABEL
+                self.class_names, self.stuff_classes = list(classes.COCO_PANOPTIC_NAMES), list(
+                    classes.COCO_PANOPTIC_STUFF)
+            file_names = {img["id"]: img["file_name"] for img in data["images"]}
+            segments = {}
+            for ann in data["annotations"]:
+                segs = tuple((s["id"], s["category_id"], bool(s.get("iscrowd", 0))) for s in ann["segments_info"])
+                segments[_stem(file_names[ann["image_id"]])] = (_stem(ann["file_name"]), segs)
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: not a COCO panoptic annotation file (missing or malformed {e})") from e
+
+        if self._png_folder is None:
+            self._png_members = {_stem(n): n for n in pngs.names() if n.endswith(".png")}
+        entries = []
+        for m in _image_members(images, image_folder, ".jpg" if image_folder else ""):
+            stem = _stem(m)
+            if stem in segments and segments[stem][1]:
+                entries.append((m, *segments[stem]))
+        super().__init__(entries, f"{images.where} with {where}")
+
+    def _png_member(self, png_stem: str) -> str:
+        if self._png_folder is not None:
+            return f"{self._png_folder}{png_stem}.png"
+        if png_stem not in self._png_members:
+            raise DataError(f"{self._pngs.where}: no PNG named {png_stem}.png for the JSON's segments")
+        return self._png_members[png_stem]
+
+    def _load(self, entry) -> Record:
+        image_member, png_stem, segments = entry
+        image = decode_image(self._images, image_member)
+        png_member = self._png_member(png_stem)
+        png = _read_target(self._pngs, png_member, image)
+        if png.ndim != 3:
+            raise DataError(f"{self._pngs.where}: {png_member!r} must be an RGB panoptic PNG, got shape {png.shape}")
+        png = png.astype(np.int32)
+        ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+        masks, labels, crowd = [], [], []
+        for seg_id, category, is_crowd in sorted(segments):
+            label = self._id_to_label.get(category)
+            if label is None:
+                continue
+            mask = ids == seg_id
+            if mask.any():
+                masks.append(mask)
+                labels.append(label)
+                crowd.append(is_crowd)
+        return make_record(image, masks, labels, crowd, _stem(image_member))
+
+
+# --------------------------------------------------------------------------------------------- COCO instance
+
+
+class COCOInstance(Source):
+    """COCO instance segmentation (80 classes) from `{split}2017.zip` and `annotations_trainval2017.zip`.
+
+    Masks are decoded from the JSON's polygons / RLEs. Images without annotations are skipped; crowd
+    annotations are kept (training drops them).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, *, classes_from_json: bool = False,
+                 images: Reader | None = None, annotations: tuple[Reader, str] | None = None):
+        _check_split(split)
+        image_folder = ""
+        if annotations is None:
+            annotations = (ZipReader(os.path.join(root, "annotations_trainval2017.zip")),
+                           f"annotations/instances_{split}2017.json")
+            images, image_folder = ZipReader(os.path.join(root, f"{split}2017.zip")), f"{split}2017/"
+        self._images = images
+        reader, member = annotations
+        self._where = where = f"{reader.where}: {member}"
+        data = _read_json(reader, member)
+        try:
+            if classes_from_json:
+                self._id_to_label, self.class_names, self.stuff_classes = _categories_from_json(
+                    data["categories"], where)
+            else:
+                self._id_to_label = classes.COCO_INSTANCE_ID_TO_LABEL
+                self.class_names, self.stuff_classes = list(classes.COCO_THING_NAMES), []
+            image_info = {img["id"]: img for img in data["images"]}
+            per_image: dict[str, list] = {}
+            for ann in data["annotations"]:
+                img = image_info[ann["image_id"]]
+                per_image.setdefault(_stem(img["file_name"]), [img["height"], img["width"], []])[2].append(
+                    (ann["category_id"], int(ann.get("iscrowd", 0)), ann["segmentation"]))
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: not a COCO instance annotation file (missing or malformed {e})") from e
+        entries = []
+        for m in _image_members(images, image_folder, ".jpg" if image_folder else ""):
+            stem = _stem(m)
+            if stem in per_image:
+                h, w, anns = per_image[stem]
+                # Kept as compact JSON text: the train JSON as Python objects would take gigabytes in every
+                # worker process.
+                entries.append((m, h, w, json.dumps(anns, separators=(",", ":"))))
+        super().__init__(entries, f"{images.where} with {where}")
+
+    def _load(self, entry) -> Record:
+        image_member, h, w, anns = entry
+        image = decode_image(self._images, image_member)
+        if image.shape[:2] != (h, w):
+            raise DataError(f"{self._images.where}: {image_member!r} is {image.shape[1]}x{image.shape[0]} but "
+                            f"{self._where} says {w}x{h}")
+        masks, labels, crowd = [], [], []
+        for category, is_crowd, segmentation in json.loads(anns):
+            label = self._id_to_label.get(category)
+            if label is None:
+                continue
+            try:
+                if isinstance(segmentation, list):  # polygons: one RLE per polygon, merged
+                    rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, h, w))
+                elif isinstance(segmentation["counts"], list):  # uncompressed RLE (crowd annotations)
+                    rle = coco_mask.frPyObjects(segmentation, h, w)
+                else:
+                    rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
+                with warnings.catch_warnings():  # pycocotools 2.0.x warns about numpy 2's copy keyword
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    mask = coco_mask.decode([rle])[..., 0]
+            except Exception as e:  # pycocotools raises bare Exceptions / TypeErrors on bad input
+                raise DataError(f"{self._where}: bad segmentation for {image_member!r} ({e!r})") from e
+            masks.append(mask.astype(bool))
+            labels.append(label)
+            crowd.append(bool(is_crowd))
+        return make_record(image, masks, labels, crowd, _stem(image_member))
+
+
+# --------------------------------------------------------------------------------------------- ADE20K
+
+
+def _ade_semantic(target: np.ndarray, keep: Callable[[int], bool] | None = None):
+    if target.ndim != 2:
+        raise ValueError(f"expected a single-channel annotation PNG, got shape {target.shape}")
+    present = np.flatnonzero(np.bincount(target.ravel(), minlength=151)[1:151]) + 1
+    values = [int(v) for v in present if keep is None or keep(int(v) - 1)]
+    return [target == v for v in values], [v - 1 for v in values]
+
+
+_ADE_STUFF = frozenset(classes.ADE20K_PANOPTIC_STUFF)
+
+
+def ade20k_instances(inst: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """Thing masks and labels of an ADE20K instance PNG (red = category 1-100, green = instance id)."""
+    if inst.ndim != 3:
+        raise ValueError(f"expected an RGB instance PNG, got shape {inst.shape}")
+    category, instance_id = inst[..., 0], inst[..., 1]
+    masks, labels = [], []
+    for i in np.flatnonzero(np.bincount(instance_id.ravel(), minlength=256)[1:]) + 1:
+        mask = instance_id == i
+        cats = np.unique(category[mask])
+        if len(cats) != 1:
+            raise ValueError(f"instance {i} spans categories {cats.tolist()} (expected one red value per green id)")
+        # Deviation: categories outside 1-100 (0 = unlabeled) are skipped instead of crashing/wrapping.
+        if 1 <= cats[0] <= 100:
+            masks.append(mask)
+            labels.append(classes.ADE20K_INSTANCE_TO_LABEL[cats[0] - 1])
+    return masks, labels
+
+
+class ADE20K(Source):
+    """ADE20K (150 classes) from `ADEChallengeData2016.zip`; `panoptic=True` adds `annotations_instance.zip`.
+
+    Semantic: one mask per class present in the annotation PNG (0 = unlabeled). Panoptic: stuff classes from
+    the annotation PNG, then one mask per instance of the instance PNG (red = category 1-100, green =
+    instance id). Images whose annotation is missing or a single value are skipped (`check_empty_targets`).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, *, panoptic: bool, check_empty_targets: bool = True):
+        _check_split(split)
+        folder = {"train": "training", "val": "validation"}[split]
+        self._zip = ZipReader(os.path.join(root, "ADEChallengeData2016.zip"))
+        self._instances = ZipReader(os.path.join(root, "annotations_instance.zip")) if panoptic else None
+        self._panoptic = panoptic
+        self.class_names = list(classes.ADE20K_NAMES)
+        self.stuff_classes = list(classes.ADE20K_PANOPTIC_STUFF) if panoptic else []
+        entries = []
+        for m in _image_members(self._zip, f"ADEChallengeData2016/images/{folder}/", ".jpg"):
+            stem = _stem(m)
+            target = f"ADEChallengeData2016/annotations/{folder}/{stem}.png"
+            instance = f"annotations_instance/{folder}/{stem}.png" if panoptic else None
+            if target in self._zip and (instance is None or instance in self._instances):
+                entries.append((m, target, instance))
+        if check_empty_targets:
+            entries = _parallel_filter(self._has_targets, entries)
+        super().__init__(entries, f"{self._zip.where} ({folder})")
+
+    def _has_targets(self, entry) -> bool:
+        _, target, instance = entry
+        png = decode_png(self._zip, target)
+        if png.min() == png.max():
+            return False
+        if instance is not None:
+            inst = decode_png(self._instances, instance)
+            if all(inst[..., c].min() == inst[..., c].max() for c in range(inst.shape[-1])):
+                # A constant instance PNG: keep the image only if its stuff classes yield any label.
+                return bool(_ade_semantic(png, _ADE_STUFF.__contains__)[1])
+        return True
+
+    def _load(self, entry) -> Record:
+        image_member, target_member, instance_member = entry
+        image = decode_image(self._zip, image_member)
+        target = _read_target(self._zip, target_member, image)
+        try:
+            masks, labels = _ade_semantic(target, _ADE_STUFF.__contains__ if self._panoptic else None)
+        except ValueError as e:
+            raise DataError(f"{self._zip.where}: {target_member!r}: {e}") from e
+        if instance_member is not None:
+            inst = _read_target(self._instances, instance_member, image)
+            try:
+                inst_masks, inst_labels = ade20k_instances(inst)
+            except ValueError as e:
+                raise DataError(f"{self._instances.where}: {instance_member!r}: {e}") from e
+            masks += inst_masks
+            labels += inst_labels
+        return make_record(image, masks, labels, [False] * len(labels), _stem(image_member))
+
+
+# --------------------------------------------------------------------------------------------- Cityscapes
+
+
+def cityscapes_targets(target: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """One mask per evaluated class in a gtFine labelIds map (H, W), in labelId order."""
+    masks, labels = [], []
+    for label_id in np.flatnonzero(np.bincount(target.ravel(), minlength=256)):
+        if int(label_id) in classes.CITYSCAPES_ID_TO_LABEL:
+            masks.append(target == label_id)
+            labels.append(classes.CITYSCAPES_ID_TO_LABEL[int(label_id)])
+    return masks, labels
+
+
+class Cityscapes(Source):
+    """Cityscapes semantic (19 classes) from `leftImg8bit_trainvaltest.zip` and `gtFine_trainvaltest.zip`."""
+
+    def __init__(self, root: str | os.PathLike, split: str, *, check_empty_targets: bool = True):
+        _check_split(split)
+        self._images = ZipReader(os.path.join(root, "leftImg8bit_trainvaltest.zip"))
+        self._targets = ZipReader(os.path.join(root, "gtFine_trainvaltest.zip"))
+        self.class_names, self.stuff_classes = list(classes.CITYSCAPES_NAMES), []
+        entries = []
+        for m in _image_members(self._images, f"leftImg8bit/{split}/", "_leftImg8bit.png"):
+            target = "gtFine/" + m[len("leftImg8bit/"):-len("_leftImg8bit.png")] + "_gtFine_labelIds.png"
+            if target in self._targets:
+                entries.append((m, target))
+        if check_empty_targets:
+            entries = _parallel_filter(self._has_targets, entries)
+        super().__init__(entries, f"{self._images.where} ({split})")
+
+    def _has_targets(self, entry) -> bool:
+        png = decode_png(self._targets, entry[1])
+        return png.min() != png.max()
+
+    def _load(self, entry) -> Record:
+        image_member, target_member = entry
+        image = decode_image(self._images, image_member)
+        target = _read_target(self._targets, target_member, image)
+        if target.ndim != 2:
+            raise DataError(f"{self._targets.where}: {target_member!r} must be a single-channel labelIds PNG")
+        masks, labels = cityscapes_targets(target)
+        return make_record(image, masks, labels, [False] * len(labels), _stem(image_member))
+
+
+# --------------------------------------------------------------------------------------------- user datasets
+
+
+def _zip_or_folder(root: str, name: str) -> Reader:
+    if os.path.isfile(os.path.join(root, name + ".zip")):
+        return ZipReader(os.path.join(root, name + ".zip"))
+    if os.path.isdir(os.path.join(root, name)):
+        return FolderReader(os.path.join(root, name))
+    raise DataError(f"{root}: expected a folder {name}/ or a zip {name}.zip")
+
+
+def coco_format(root: str | os.PathLike, split: str) -> Source:
+    """A user's dataset with COCO annotations; the class list comes from the JSON's `categories`.
+
+    `root` is a folder holding either
+      * the official COCO file names (`{split}2017.zip` + `panoptic_annotations_trainval2017.zip` or
+        `annotations_trainval2017.zip`), as written by `python -m eomt_jax.data.synthetic --kind shapes`, or
+      * `{split}.json` (COCO panoptic or instance JSON), the images in `{split}/` or `{split}.zip`, and for
+        panoptic the segment PNGs in `panoptic_{split}/` or `panoptic_{split}.zip`.
+    Panoptic categories with `isthing: 0` are the stuff classes.
+    """
+    _check_split(split)
+    root = os.fspath(root)
+    if os.path.isfile(os.path.join(root, "panoptic_annotations_trainval2017.zip")):
+        return COCOPanoptic(root, split, classes_from_json=True)
+    if os.path.isfile(os.path.join(root, "annotations_trainval2017.zip")):
+        return COCOInstance(root, split, classes_from_json=True)
+    json_path = os.path.join(root, f"{split}.json")
+    if not os.path.isfile(json_path):
+        raise DataError(f"{json_path}: file not found (expected a COCO panoptic or instance JSON, or the official "
+                        "COCO zips in this folder)")
+    folder = FolderReader(root)
+    data = _read_json(folder, f"{split}.json")
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise DataError(f"{json_path}: expected a COCO JSON with an 'annotations' list")
+    images = _zip_or_folder(root, split)
+    if annotations and "segments_info" in annotations[0]:
+        return COCOPanoptic(root, split, classes_from_json=True, images=images,
+                            pngs=_zip_or_folder(root, f"panoptic_{split}"), annotations=(folder, f"{split}.json"))
+    return COCOInstance(root, split, classes_from_json=True, images=images, annotations=(folder, f"{split}.json"))
+
+
+def _tfds(root, split, **kwargs):
+    from eomt_jax.data.tfds_source import TFDSSource  # optional extra: imported only when asked for
+
+    return TFDSSource(root or None, split, **kwargs)
+
+
+SOURCES: dict[str, Callable[..., Source]] = {
+    "coco_panoptic": COCOPanoptic,
+    "coco_instance": COCOInstance,
+    "ade20k_panoptic": lambda root, split, **kw: ADE20K(root, split, panoptic=True, **kw),
+    "ade20k_semantic": lambda root, split, **kw: ADE20K(root, split, panoptic=False, **kw),
+    "cityscapes_semantic": Cityscapes,
+    "coco_format": coco_format,
+    "shapes": coco_format,  # the generated demo dataset (`python -m eomt_jax.data.synthetic --kind shapes`)
+    "tfds": _tfds,  # root = TFDS data_dir; builder="cityscapes/semantic_segmentation" or "scene_parse150"
+}
+
+
+def load_source(name: str, root: str | os.PathLike | None, split: str, **kwargs) -> Source:
+    """The data source `name` (one of `SOURCES`) for `split` ("train" or "val") of the dataset under `root`."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES)}")
+    return SOURCES[name](os.fspath(root) if root is not None else None, split, **kwargs)
