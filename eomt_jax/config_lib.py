@@ -5,7 +5,7 @@ numbers of one published setting (UPSTREAM §3.7 of the original), so the files 
 defined once, here. Top-level keys that scripts and documentation rely on:
 
   task, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, max_steps_per_run, seed,
-  init_from, load_class_head, and the sections data, model, anneal, loss, optim, mesh, eval, log.
+  init_from, load_class_head, and the sections data, model, anneal, loss, optim, mesh, sharding, eval, log.
 
 `arg` strings follow big_vision's convention: `file.py:res=1280,runlocal` -> {"res": "1280", "runlocal": True}.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from eomt_jax import mesh as mesh_lib
 from eomt_jax import optim
 from eomt_jax.models.eomt import EoMTConfig, preset
 
@@ -87,6 +88,7 @@ def experiment(
     c.data.color_jitter = color_jitter
     c.data.num_workers = 4
     c.data.generate = ""  # "": real data; else a synthetic kind generated into root when missing
+    c.data.generate_kwargs = {}  # e.g. num_train, num_val, size for the generator
 
     model = preset(size, num_classes=num_classes, num_queries=num_queries, image_size=image_size).to_dict()
     model["image_size"] = tuple(model["image_size"])
@@ -111,6 +113,9 @@ def experiment(
     c.optim = optim.default_config()
 
     c.mesh = [("data", -1), ("fsdp", 1)]
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = mesh_lib.DEFAULT_RULES  # (regex over state paths, "fsdp" | "replicate"); first match wins
+    c.sharding.min_size = 2**18  # leaves smaller than this stay replicated
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 8
@@ -152,10 +157,10 @@ def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Confi
     c.data.max_instances = 8
     c.data.num_workers = 0
     tiny = preset("S", num_classes=c.model.num_classes, num_queries=8, image_size=64).to_dict()
-    tiny.update(embed_dim=64, depth=3, num_heads=2, mlp_hidden=128, num_blocks=2, image_size=(64, 64))
+    tiny.update(embed_dim=64, depth=2, num_heads=2, mlp_hidden=128, num_blocks=1, image_size=(64, 64))
     c.model = ml_collections.ConfigDict(dict(tiny, dtype="float32"))
-    c.anneal.starts = (0, 1)
-    c.anneal.ends = (1, 2)
+    c.anneal.starts = (0,)
+    c.anneal.ends = (2,)
     c.loss.num_points = 256
     c.optim.warmup_steps = (1, 1)
     c.eval.batch_size = 4

@@ -16,3 +16,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same small programs (e.g. every config's smoke run builds the same tiny model); a
+# compilation cache keyed by the program text lets them share executables within and across runs.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "eomt_jax_test_xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

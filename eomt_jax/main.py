@@ -1,0 +1,39 @@
+"""`python -m eomt_jax.main --config=configs/X.py[:arg] --workdir=W [--mode=train|eval|train_and_eval]`.
+
+Config values are overridden with `--config.key=value` (e.g. `--config.data.root=/data/coco`); the config is
+locked, so a misspelt key is an error. A workdir that holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/coco_panoptic_large.py:res=640",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "train_and_eval"], "What to run.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
+                                 "auto: detect TPU pods / SLURM / Open MPI, else one process; off: never initialise.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from eomt_jax import distributed, train
+
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

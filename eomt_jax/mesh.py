@@ -1,0 +1,81 @@
+"""Device mesh and shardings from the config.
+
+`config.mesh` is a list of (axis name, size) with at most one -1 ("the remaining devices"). The batch is split over
+every axis; parameters are replicated unless a sharding rule says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(spec: Sequence[Sequence], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(str(name) for name, _ in spec)
+    sizes = [int(size) for _, size in spec]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.mesh has repeated axis names: {names}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh may use -1 for one axis only: {list(spec)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or len(devices) % known:
+        raise ValueError(f"config.mesh {list(spec)} does not divide the {len(devices)} available devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"config.mesh {list(spec)} -> {sizes} uses {math.prod(sizes)} of {len(devices)} devices")
+    # Auto axes: classic GSPMD propagation (explicit-mode axes reject the model's reshapes of sharded batches).
+    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every mesh axis."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
+
+
+# Default sharding rules: (regex searched in the leaf path, action). The first match wins; "fsdp" shards the
+# leaf's largest axis divisible by the fsdp axis size when the leaf has at least `min_size` elements.
+DEFAULT_RULES = (
+    (r"(^|/)(step|rng)$", "replicate"),
+    (r".*", "fsdp"),
+)
+
+
+def state_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES, min_size: int = 2**18):
+    """NamedShardings for a tree of arrays / ShapeDtypeStructs (parameters, optimizer state, ...)."""
+    import re
+
+    from eomt_jax.tree import path_str
+
+    compiled = [(re.compile(p), a) for p, a in rules]
+    for _, action in compiled:
+        if action not in ("fsdp", "replicate"):
+            raise ValueError(f"sharding rule action must be 'fsdp' or 'replicate', got {action!r}")
+    fsdp = mesh.shape.get("fsdp", 1)
+
+    def pick(path, leaf):
+        name = path_str(path)
+        action = next((a for rx, a in compiled if rx.search(name)), "replicate")
+        shape = tuple(getattr(leaf, "shape", ()))
+        if action == "replicate" or fsdp == 1 or math.prod(shape) < min_size:
+            return NamedSharding(mesh, P())
+        axes = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for i in axes:
+            if shape[i] % fsdp == 0:
+                spec = [None] * len(shape)
+                spec[i] = "fsdp"
+                return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)

@@ -1,0 +1,339 @@
+"""The training loop, readable top to bottom: mesh -> data -> model & optimizer -> restore -> step -> loop.
+
+Entry point: `run(config, workdir, mode)`, called by `python -m eomt_jax.main`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from eomt_jax import mesh as mesh_lib
+from eomt_jax import optim
+from eomt_jax.config_lib import model_config
+from eomt_jax.checkpoints import Checkpointer, abstract_like
+from eomt_jax.models.eomt import EoMT, EoMTConfig
+from eomt_jax.train_step import StepConfig, make_train_step, split_model
+from eomt_jax.tree import flatten_paths, set_from_flat
+
+log = logging.getLogger("eomt_jax")
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def data_root(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The dataset folder; generated into `<workdir>/data` on first use when `config.data.generate` names a kind."""
+    from eomt_jax.data import synthetic
+
+    if not config.data.generate:
+        if not config.data.root:
+            raise ValueError("config.data.root is empty: set --config.data.root to the folder with the dataset zips")
+        return Path(config.data.root)
+    root = Path(config.data.root) if config.data.root else workdir / "data"
+    marker = root / ".complete"
+    if not marker.exists():
+        if jax.process_index() == 0:
+            log.info("generating the %s dataset into %s", config.data.generate, root)
+            synthetic.generate(config.data.generate, root, **dict(config.data.generate_kwargs))
+            marker.write_text("ok\n")
+        _barrier("data generation")
+    return root
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def overlay_pretrained(params: nnx.State, path: str, cfg: EoMTConfig, load_class_head: bool) -> nnx.State:
+    """Replace `params` by the values of a converted checkpoint (EoMT, or DINOv2 backbone + fresh head).
+
+    The position embedding is resampled when the checkpoint's grid differs; with `load_class_head=False` the class
+    head keeps its fresh initialisation (fine-tuning on other classes).
+    """
+    from eomt_jax import pretrained
+    from eomt_jax.models.vit import resample_pos_embed
+
+    source = pretrained.load(path)
+    src_cfg = source.config
+    _, src_params, _ = split_model(source)
+    flat = flatten_paths(src_params)
+    own = flatten_paths(params)
+    if not load_class_head:
+        flat = {k: v for k, v in flat.items() if not k.startswith("class_head/")}
+    if src_cfg.grid_size != cfg.grid_size and "backbone/pos_embed" in flat:
+        flat["backbone/pos_embed"] = resample_pos_embed(flat["backbone/pos_embed"], src_cfg.grid_size, cfg.grid_size)
+    problems = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in flat.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    unknown = sorted(set(flat) - set(own))
+    if problems or unknown:
+        raise ValueError(
+            f"{path} does not fit the configured model:\n  " + "\n  ".join(problems + [f"unexpected {k}" for k in unknown])
+            + ("\n(use --config.load_class_head=False to fine-tune on other classes)" if problems else "")
+        )
+    merged = {k: jnp.asarray(flat[k], own[k].dtype) if k in flat else own[k] for k in own}
+    return set_from_flat(params, merged)
+
+
+class MetricWriter:
+    """metrics.jsonl always; TensorBoard and W&B when enabled. Only process 0 writes."""
+
+    def __init__(self, workdir: Path, config: ml_collections.ConfigDict):
+        self.active = jax.process_index() == 0
+        self._jsonl = open(workdir / "metrics.jsonl", "a") if self.active else None
+        self._tb = None
+        self._wandb = None
+        if self.active and config.log.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        if self.active and config.log.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("config.log.wandb=True needs the wandb package (pip install wandb)") from None
+            self._wandb = wandb.init(project=config.log.wandb_project, dir=str(workdir), config=config.to_dict())
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train") -> dict[str, Any]:
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    # -- Mesh ----------------------------------------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh(config.mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    replicated = mesh_lib.replicated(mesh)
+    log.info(
+        "process %d/%d, %d local / %d global devices, mesh %s",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        mesh_lib.describe(mesh),
+    )
+
+    # -- Data ----------------------------------------------------------------------------------------------------
+    from eomt_jax import data as data_lib
+
+    root = data_root(config, workdir)
+    cfg = model_config(config)
+
+    if mode == "eval":
+        from eomt_jax import eval_loop
+
+        if not config.init_from:
+            raise ValueError("--mode=eval needs --config.init_from=<converted checkpoint>")
+        model = EoMT(cfg.replace(masked_attn_enabled=False), rngs=nnx.Rngs(config.seed))
+        _, params, buffers = split_model(model)
+        params = overlay_pretrained(params, config.init_from, cfg, load_class_head=True)
+        results = eval_loop.evaluate(config, nnx.merge(nnx.graphdef(model), params, buffers), root, mesh, workdir)
+        return results
+
+    source = data_lib.load_source(config.data.name, root, "train")
+    if source.num_classes != cfg.num_classes:
+        raise ValueError(
+            f"the {config.data.name} training split has {source.num_classes} classes but config.model.num_classes "
+            f"is {cfg.num_classes}"
+        )
+    settings = data_lib.TrainSettings(
+        image_size=config.data.image_size,
+        batch_size=config.data.batch_size,
+        max_instances=config.data.max_instances,
+        seed=config.seed,
+        scale_range=tuple(config.data.scale_range),
+        color_jitter=config.data.color_jitter,
+        num_workers=config.data.num_workers,
+    )
+    if config.data.batch_size % mesh.size:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the {mesh.size} devices")
+    train_iter = data_lib.TrainIterator(data_lib.train_dataset(source, settings), batch_sharding)
+
+    # -- Model & optimizer ---------------------------------------------------------------------------------------
+    abstract_model = nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, _ = split_model(abstract_model)
+    tx = optim.build_optimizer(
+        config.optim, abstract_params, total_steps=config.total_steps, depth=cfg.depth,
+        num_masked_blocks=cfg.num_blocks,
+    )
+    lrs = optim.learning_rates(
+        config.optim, abstract_params, total_steps=config.total_steps, depth=cfg.depth,
+        num_masked_blocks=cfg.num_blocks,
+    )
+
+    def init_state(seed):
+        model = EoMT(cfg, rngs=nnx.Rngs(seed))
+        _, params, buffers = split_model(model)
+        return {
+            "params": params,
+            "buffers": buffers,
+            "opt": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
+
+    # Parameters and optimizer state are created directly with their shardings (FSDP rules from the config);
+    # nothing is built whole on one host and then copied.
+    abstract_state = jax.eval_shape(lambda: init_state(config.seed))
+    state_sharding = mesh_lib.state_shardings(
+        abstract_state, mesh, rules=tuple(tuple(r) for r in config.sharding.rules), min_size=config.sharding.min_size
+    )
+
+    # -- Restore or initialise -----------------------------------------------------------------------------------
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
+    start = ckpt.latest_step()
+    if start is not None:
+        log.info("resuming from %s step %d", ckpt.directory, start)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+        )
+        state = ckpt.restore(start, target, train_iter.grain_iterator)
+    else:
+        state = jax.jit(init_state, static_argnums=0, out_shardings=state_sharding)(config.seed)
+        if config.init_from:
+            log.info("initialising from %s", config.init_from)
+            params = overlay_pretrained(state["params"], config.init_from, cfg, config.load_class_head)
+            state["params"] = jax.device_put(params, state_sharding["params"])
+            state["opt"] = jax.jit(tx.init, out_shardings=state_sharding["opt"])(state["params"])
+        start = 0
+
+    # -- Update step ---------------------------------------------------------------------------------------------
+    step_cfg = StepConfig(
+        num_classes=cfg.num_classes,
+        anneal_starts=tuple(config.anneal.starts),
+        anneal_ends=tuple(config.anneal.ends),
+        anneal_power=config.anneal.power,
+        loss_kwargs=dict(config.loss.to_dict()),
+    )
+    train_step = make_train_step(graphdef, tx, step_cfg, lr_fn=lrs.groups_at, mesh=mesh)
+    batch_spec = {k: batch_sharding for k in data_lib.TRAIN_KEYS}
+    p_step = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_spec),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+
+    # -- Loop ----------------------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir, config)
+    total = config.total_steps
+    stop_at = total if not config.max_steps_per_run else min(total, start + config.max_steps_per_run)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    pending: list[tuple[int, dict]] = []
+    step = start
+    t0 = time.perf_counter()
+    last_good = start if ckpt.latest_step() is not None else None
+    results: dict[str, Any] = {}
+    try:
+        while step < stop_at:
+            batch = next(train_iter)
+            if step == start:
+                p_step = compile_and_report(p_step, state, batch)
+            state, metrics = p_step(state, batch)
+            step += 1
+            bar.update(1)
+            pending.append((step, metrics))
+            # The host only waits for the device here, at the log interval.
+            if step % config.log_every_steps == 0 or step == stop_at:
+                host = jax.device_get(pending)
+                pending = []
+                for s, m in host:
+                    if not math.isfinite(float(m["train/loss"])):
+                        raise NonFiniteLoss(
+                            f"non-finite loss ({float(m['train/loss'])}) at step {s}; last good checkpoint: "
+                            + (f"{ckpt.directory}/{last_good}" if last_good is not None else "none")
+                        )
+                s, m = host[-1]
+                m = dict(m, **{"train/steps_per_second": len(host) / max(time.perf_counter() - t0, 1e-9)})
+                t0 = time.perf_counter()
+                writer.write(s, m)
+                bar.set_postfix(loss=f"{float(m['train/loss']):.3f}")
+            if step % config.checkpoint_every_steps == 0 or step == stop_at:
+                ckpt.save(step, state, train_iter.grain_iterator)
+                last_good = step
+            if mode == "train_and_eval" and (step % config.eval_every_steps == 0 or step == total):
+                from eomt_jax import eval_loop
+
+                model = nnx.merge(graphdef, state["params"], state["buffers"])
+                results = eval_loop.evaluate(config, model, root, mesh, workdir, step=step)
+                writer.write(step, {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+        train_iter.close()
+    return {"step": step, **results}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def compile_and_report(p_step, state, batch):
+    """Compile the step ahead of time, log its per-device memory and FLOPs, and return the executable."""
+    t = time.perf_counter()
+    compiled = p_step.lower(state, batch).compile()
+    seconds = time.perf_counter() - t
+    lines = [f"train step compiled in {seconds:.1f} s"]
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            lines.append(
+                f"per-device memory: arguments {_size(mem.argument_size_in_bytes)}, temporaries "
+                f"{_size(mem.temp_size_in_bytes)}, outputs {_size(mem.output_size_in_bytes)}"
+            )
+    except Exception:  # not every backend reports memory
+        pass
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and "flops" in cost:
+            lines.append(f"FLOPs per step (XLA estimate, per device): {cost['flops'] / 1e12:.3f} TFLOP")
+    except Exception:
+        pass
+    for line in lines:
+        log.info(line)
+    return compiled
