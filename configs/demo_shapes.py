@@ -36,7 +36,7 @@ def get_config(arg=None):
     # Masked attention is annealed away over the first two thirds of training.
     c.anneal.starts = (0, a.steps // 3)
     c.anneal.ends = (a.steps // 3, 2 * a.steps // 3)
-    c.loss.num_points = 1024
+    c.loss.num_points = 256
     # From scratch, no pretrained backbone: no layer-wise decay, short warm-ups, a larger base LR.
     c.optim.lr = 4e-4
     c.optim.llrd = 1.0

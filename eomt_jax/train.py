@@ -163,13 +163,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     if mode == "eval":
         from eomt_jax import eval_loop
 
-        if not config.init_from:
-            raise ValueError("--mode=eval needs --config.init_from=<converted checkpoint>")
-        model = EoMT(cfg.replace(masked_attn_enabled=False), rngs=nnx.Rngs(config.seed))
-        _, params, buffers = split_model(model)
-        params = overlay_pretrained(params, config.init_from, cfg, load_class_head=True)
-        results = eval_loop.evaluate(config, nnx.merge(nnx.graphdef(model), params, buffers), root, mesh, workdir)
-        return results
+        model = EoMT(cfg, rngs=nnx.Rngs(config.seed))
+        graphdef, params, buffers = split_model(model)
+        latest = Checkpointer(workdir / "checkpoints").latest_step() if (workdir / "checkpoints").exists() else None
+        if latest is not None:
+            # The run's own latest checkpoint: restore just the network, whatever the optimizer was.
+            import orbax.checkpoint as ocp
+
+            target = {"params": abstract_like(params), "buffers": abstract_like(buffers)}
+            restored = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data")).restore(
+                latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=target, partial_restore=True)))["state"]
+            params, buffers = restored["params"], restored["buffers"]
+            log.info("evaluating the checkpoint of step %d in %s", latest, workdir)
+        elif config.init_from:
+            params = overlay_pretrained(params, config.init_from, cfg, load_class_head=True)
+            log.info("evaluating %s", config.init_from)
+        else:
+            raise ValueError(
+                f"--mode=eval needs a checkpoint: {workdir} holds none, and --config.init_from is empty"
+            )
+        return eval_loop.evaluate(config, nnx.merge(graphdef, params, buffers), root, mesh, workdir, step=latest)
 
     source = data_lib.load_source(config.data.name, root, "train")
     if source.num_classes != cfg.num_classes:
@@ -331,7 +345,7 @@ def compile_and_report(p_step, state, batch):
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if cost and "flops" in cost:
-            lines.append(f"FLOPs per step (XLA estimate, per device): {cost['flops'] / 1e12:.3f} TFLOP")
+            lines.append(f"FLOPs per step (XLA estimate, per device): {cost['flops'] / 1e9:.2f} GFLOP")
     except Exception:
         pass
     for line in lines:

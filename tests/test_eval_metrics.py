@@ -1,0 +1,99 @@
+"""In-loop metrics against the official tools: panopticapi's pq_compute, and a direct confusion matrix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from panopticapi.evaluation import pq_compute
+from PIL import Image
+
+from eomt_jax.eval_metrics import MeanIoU, PanopticQuality
+
+C, STUFF = 6, [4, 5]
+
+
+def _random_panoptic(rng, h=40, w=48):
+    """A random segmentation: things as rectangles over a stuff background, some void and crowd regions."""
+    seg = np.zeros((h, w), np.int64)  # 0 = void
+    info = []
+    for sid, cls in ((1, 4), (2, 5)):
+        seg[(np.arange(h)[:, None] * (sid) + np.arange(w)[None]) % 7 < 3 + sid] = sid
+        info.append((sid, cls, 0))
+    for sid in range(3, 3 + rng.integers(2, 6)):
+        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+        seg[y : y + rng.integers(5, 15), x : x + rng.integers(5, 15)] = sid
+        info.append((sid, int(rng.integers(0, 4)), int(rng.uniform() < 0.2)))
+    seg[rng.integers(0, h), :] = 0  # a void line
+    present = set(np.unique(seg)) - {0}
+    return seg, [i for i in info if i[0] in present]
+
+
+def _perturb(rng, seg, info):
+    pred = seg.copy()
+    pred[rng.uniform(size=seg.shape) < 0.08] = 0
+    pred = np.roll(pred, rng.integers(-2, 3), axis=1)
+    pinfo = []
+    for sid, cls, _ in info:
+        if rng.uniform() < 0.15:
+            pred[pred == sid] = 0  # missed segment
+            continue
+        pinfo.append((sid, cls if rng.uniform() > 0.2 else int(rng.integers(0, C)), 0))
+    pinfo = [p for p in pinfo if (pred == p[0]).any()]
+    return pred, pinfo
+
+
+def _write(folder, name, seg):
+    rgb = np.stack([seg % 256, seg // 256 % 256, seg // 65536], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / name)
+
+
+def test_panoptic_quality_equals_panopticapi(tmp_path):
+    rng = np.random.default_rng(0)
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    cats = [{"id": k + 1, "name": str(k), "isthing": int(k not in STUFF)} for k in range(C)]
+    gt_json = {"images": [], "annotations": [], "categories": cats}
+    pred_json = {"annotations": []}
+    metric = PanopticQuality(C, STUFF)
+    for i in range(6):
+        seg, info = _random_panoptic(rng)
+        pred, pinfo = _perturb(rng, seg, info)
+        name = f"{i:04d}.png"
+        _write(gt_dir, name, seg)
+        _write(pred_dir, name, pred)
+        gt_json["images"].append({"id": i, "file_name": name.replace("png", "jpg"), "height": 40, "width": 48})
+        gt_json["annotations"].append({"image_id": i, "file_name": name, "segments_info": [
+            {"id": s, "category_id": c + 1, "iscrowd": k, "area": int((seg == s).sum()), "bbox": [0, 0, 1, 1]}
+            for s, c, k in info]})
+        pred_json["annotations"].append({"image_id": i, "file_name": name, "segments_info": [
+            {"id": s, "category_id": c + 1} for s, c, _ in pinfo]})
+        record = {"masks": np.stack([seg == s for s, _, _ in info]), "labels": np.array([c for _, c, _ in info]),
+                  "is_crowd": np.array([k for _, _, k in info], bool)}
+        cls_of = {s: c for s, c, _ in pinfo}
+        ours = np.stack([np.vectorize(lambda s: cls_of.get(s, C))(pred), np.where(pred > 0, pred, -1)], -1)
+        metric.update(ours, record)
+    (tmp_path / "gt.json").write_text(json.dumps(gt_json))
+    (tmp_path / "pred.json").write_text(json.dumps(pred_json))
+    ref = pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), str(gt_dir), str(pred_dir))
+    got = metric.compute()
+    for name, key in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
+        for m in ("pq", "sq", "rq"):
+            np.testing.assert_allclose(got[m.upper() + key], 100 * ref[name][m], atol=1e-6)
+
+
+def test_mean_iou_from_a_direct_confusion_matrix():
+    rng = np.random.default_rng(1)
+    metric = MeanIoU(4)
+    conf = np.zeros((4, 4), np.int64)
+    for _ in range(3):
+        target = rng.integers(0, 4, (10, 12))
+        target[0] = 255
+        pred = np.where(rng.uniform(size=target.shape) < 0.7, target, rng.integers(0, 4, target.shape)) % 4
+        labels = [k for k in range(4) if (target == k).any()]
+        metric.update(pred, {"masks": np.stack([target == k for k in labels]), "labels": np.array(labels)})
+        for t, p in zip(target.ravel(), pred.ravel()):
+            if t != 255:
+                conf[t, p] += 1
+    iou = [conf[k, k] / (conf[k].sum() + conf[:, k].sum() - conf[k, k]) for k in range(4)]
+    np.testing.assert_allclose(metric.compute()["mIoU"], 100 * np.mean(iou), rtol=1e-12)
