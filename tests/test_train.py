@@ -111,3 +111,22 @@ def test_every_config_runs_locally(path, tmp_path):
     assert result["step"] == config.total_steps
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert np.isfinite(json.loads(lines[-1])["train/loss"])
+
+
+def test_eval_mode_on_a_converted_checkpoint(tmp_path):
+    """--mode=eval end to end: a converted (random) PyTorch checkpoint on the generated COCO panoptic zips."""
+    from eomt_jax.conversion import main as convert_main
+    from tests.models import oracle
+
+    model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
+    assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
+    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
+    config.init_from = str(tmp_path / "ckpt")
+    results = train.run(config, tmp_path / "w", "eval")
+    saved = json.loads((tmp_path / "w" / "eval_metrics.json").read_text())
+    assert saved == results and {"PQ", "SQ", "RQ", "PQ_things", "PQ_stuff"} <= set(saved)
+    from eomt_jax.data import load_source
+
+    num_val = len(load_source("coco_panoptic", tmp_path / "w" / "data", "val"))
+    assert len(list((tmp_path / "w" / "overlays").glob("*.png"))) == min(num_val, config.eval.max_images)
