@@ -744,13 +744,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored weight dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     parser.add_argument("--seed", type=int, default=0, help="init seed of a fresh head (backbone sources)")
+    parser.add_argument("--dataset", help="store this dataset's class names with the weights (e.g. coco_panoptic)")
     args = parser.parse_args(argv)
     try:
         overrides = _model_overrides(args.config, args.set)
+        metadata = {}
+        if args.dataset:
+            from eomt_jax.predict import dataset_classes
+
+            names, stuff = dataset_classes(args.dataset)
+            metadata = {"dataset": args.dataset, "class_names": names, "stuff_classes": stuff}
         out, config = convert(
             _resolve_src(args.src), args.dst, overrides=overrides, dtype=args.dtype, overwrite=args.overwrite,
-            seed=args.seed,
+            seed=args.seed, metadata=metadata,
         )
+        if metadata and len(metadata["class_names"]) != config.num_classes:
+            shutil.rmtree(out)
+            raise ConversionError(
+                f"--dataset {args.dataset} has {len(metadata['class_names'])} classes, the weights {config.num_classes}"
+            )
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
