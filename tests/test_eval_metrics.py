@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import panopticapi.evaluation as panopticapi_eval
 from panopticapi.evaluation import pq_compute
 from PIL import Image
 
@@ -48,7 +49,11 @@ def _write(folder, name, seg):
     Image.fromarray(rgb).save(folder / name)
 
 
-def test_panoptic_quality_equals_panopticapi(tmp_path):
+def test_panoptic_quality_equals_panopticapi(tmp_path, monkeypatch):
+    # pq_compute forks a worker pool, which can deadlock a process that already runs JAX's threads; its
+    # single-core routine is the same per-image computation.
+    monkeypatch.setattr(panopticapi_eval, "pq_compute_multi_core",
+                        lambda matched, gt, pred, cats: panopticapi_eval.pq_compute_single_core(0, matched, gt, pred, cats))
     rng = np.random.default_rng(0)
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir(), pred_dir.mkdir()
