@@ -81,10 +81,91 @@ def test_panoptic_quality_equals_panopticapi(tmp_path, monkeypatch):
     (tmp_path / "gt.json").write_text(json.dumps(gt_json))
     (tmp_path / "pred.json").write_text(json.dumps(pred_json))
     ref = pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), str(gt_dir), str(pred_dir))
+    cli = _run_cli(["panoptic", "--gt-json", str(tmp_path / "gt.json"), "--gt-dir", str(gt_dir),
+                    "--pred-json", str(tmp_path / "pred.json"), "--pred-dir", str(pred_dir)])
     got = metric.compute()
     for name, key in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
         for m in ("pq", "sq", "rq"):
             np.testing.assert_allclose(got[m.upper() + key], 100 * ref[name][m], atol=1e-6)
+            np.testing.assert_allclose(cli[m.upper() + key], 100 * ref[name][m], atol=1e-6)
+    assert ref["All"]["n"] >= 5  # the generated data exercises most classes
+
+
+def _run_cli(argv):
+    import contextlib
+    import io
+
+    from eomt_jax.evaluate import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_evaluate_semantic_cli_and_errors(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    (tmp_path / "gt").mkdir(), (tmp_path / "pred").mkdir()
+    conf = np.zeros((5, 5), np.int64)
+    for i in range(3):
+        target = rng.integers(0, 5, (20, 30))
+        target[:3] = 255
+        pred = np.where(rng.uniform(size=target.shape) < 0.6, target % 5, rng.integers(0, 5, target.shape))
+        Image.fromarray(target.astype(np.uint8)).save(tmp_path / "gt" / f"im{i}.png")
+        Image.fromarray(pred.astype(np.uint8)).save(tmp_path / "pred" / f"im{i}.png")
+        keep = target != 255
+        np.add.at(conf, (target[keep], pred[keep]), 1)
+    d = np.diag(conf)
+    expected = 100 * np.mean(d / (conf.sum(0) + conf.sum(1) - d))
+    per_class = tmp_path / "per_class.json"
+    got = _run_cli(["semantic", "--gt-dir", str(tmp_path / "gt"), "--pred-dir", str(tmp_path / "pred"),
+                    "--num-classes", "5", "--per-class", str(per_class)])
+    np.testing.assert_allclose(got["mIoU"], expected, rtol=1e-12)
+    assert len(json.loads(per_class.read_text())) == 5
+    (tmp_path / "pred" / "im1.png").unlink()
+    from eomt_jax.evaluate import main
+
+    assert main(["semantic", "--gt-dir", str(tmp_path / "gt"), "--pred-dir", str(tmp_path / "pred"),
+                 "--num-classes", "5"]) == 1
+    assert "no prediction for 1 ground-truth file" in capsys.readouterr().err
+
+
+def test_evaluate_instance_cli_equals_cocoeval(tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(3)
+    gt = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    results = []
+    for i in range(4):
+        gt["images"].append({"id": i, "height": 40, "width": 50})
+        for j in range(3):
+            m = np.zeros((40, 50), np.uint8)
+            y, x = rng.integers(0, 25, 2)
+            m[y : y + 12, x : x + 14] = 1
+            rle = mask_util.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode()
+            cat = int(rng.integers(1, 3))
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "category_id": cat,
+                                      "segmentation": rle, "area": float(m.sum()) + 5, "iscrowd": 0,
+                                      "bbox": [float(x), float(y), 14.0, 12.0]})
+            shifted = np.roll(m, int(rng.integers(-3, 4)), axis=1)
+            prle = mask_util.encode(np.asfortranarray(shifted))
+            prle["counts"] = prle["counts"].decode()
+            results.append({"image_id": i, "category_id": cat, "segmentation": prle, "score": float(rng.uniform())})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(results))
+    got = _run_cli(["instance", "--gt-json", str(tmp_path / "gt.json"), "--pred-json", str(tmp_path / "pred.json")])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(tmp_path / "gt.json"))
+        ev = COCOeval(coco, coco.loadRes(str(tmp_path / "pred.json")), iouType="segm")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    np.testing.assert_allclose([got[k] for k in ("AP", "AP50", "AP75")], 100 * ev.stats[:3], atol=1e-9)
+    assert 0 < got["AP"] < 100
 
 
 def test_mean_iou_from_a_direct_confusion_matrix():
