@@ -70,6 +70,8 @@ def evaluate(config: ml_collections.ConfigDict, model, root, mesh, workdir, step
     overlays = workdir / (f"overlays_{step}" if step is not None else "overlays")
     num_overlays = int(config.eval.get("num_overlays", 8)) if jax.process_index() == 0 else 0
     batch = int(config.eval.batch_size)
+    saver = _PredictionWriter(workdir / (f"predictions_{step}" if step is not None else "predictions"), task, source) \
+        if config.eval.save_predictions else None
     bar = tqdm(total=len(mine), desc="eval", disable=jax.process_index() != 0, dynamic_ncols=True)
     for start in range(0, len(mine), batch):
         idx = mine[start : start + batch]
@@ -91,10 +93,14 @@ def evaluate(config: ml_collections.ConfigDict, model, root, mesh, workdir, step
             for record, pred in zip(records, per_image):
                 metric.update(pred, record)
         for k, (record, pred) in enumerate(zip(records, outs[-1])):
+            if saver is not None:
+                saver.add(record, pred)
             if start + k < num_overlays:
                 _save_overlay(overlays, task, record, pred, source)
         bar.update(len(idx))
     bar.close()
+    if saver is not None:
+        saver.close()
     results: dict[str, Any] = {}
     names = [f"_block_{j - (num_outputs - 1)}" for j in range(num_outputs - 1)] + [""]
     for name, metric in zip(names, metrics):
@@ -123,3 +129,51 @@ def _save_overlay(folder: Path, task: str, record, pred, source) -> None:
     else:
         picture = visualize.semantic_overlay(image, pred, source.num_classes)
     Image.fromarray(np.concatenate([image, picture], axis=1)).save(folder / f"{record['image_id']}.png")
+
+
+class _PredictionWriter:
+    """COCO panoptic PNG + JSON, COCO results JSON, or semantic label PNGs: the files `eomt_jax.evaluate` scores.
+
+    COCO image ids are the numeric file stems, as in the official annotation files."""
+
+    def __init__(self, folder: Path, task: str, source):
+        self.folder, self.task, self.source = folder, task, source
+        self.entries: list[dict] = []
+        # COCO sources map their category ids to contiguous labels; write the dataset's own ids back.
+        to_id = {label: cat for cat, label in getattr(source, "_id_to_label", {}).items()}
+        self.category_id = lambda label: int(to_id.get(label, label + 1))
+        sub = {"panoptic": "panoptic", "semantic": "semantic"}.get(task)
+        if sub:
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, record, pred) -> None:
+        from PIL import Image
+
+        from eomt_jax import predict as predict_cli
+
+        stem = record["image_id"]
+        image_id = int(stem) if stem.isdigit() else stem
+        if self.task == "panoptic":
+            self.entries.append(predict_cli.write_panoptic_png(self.folder / "panoptic", stem, pred, image_id,
+                                                                  self.category_id))
+        elif self.task == "instance":
+            self.entries += predict_cli.coco_results(pred, image_id, self.category_id)
+        else:
+            Image.fromarray(pred.astype(np.uint8)).save(self.folder / "semantic" / f"{stem}.png")
+
+    def close(self) -> None:
+        from eomt_jax.eval_metrics import _allgather_objects
+
+        entries = self.entries
+        if jax.process_count() > 1:
+            entries = [e for part in _allgather_objects(entries) for e in part]
+        if jax.process_index() != 0:
+            return
+        stuff = set(self.source.stuff_classes)
+        categories = [{"id": self.category_id(k), "name": n, "isthing": int(k not in stuff)}
+                      for k, n in enumerate(self.source.class_names)]
+        if self.task == "panoptic":
+            (self.folder / "panoptic.json").write_text(json.dumps({"annotations": entries, "categories": categories}))
+        elif self.task == "instance":
+            (self.folder / "instances.json").write_text(json.dumps(entries))

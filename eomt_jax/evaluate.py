@@ -83,12 +83,14 @@ def evaluate_panoptic(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str):
     metric = PanopticQuality(len(cats), [i for i, c in enumerate(cats) if not c.get("isthing", 1)])
     gt_files, pred_files = _Files(gt_dir), _Files(pred_dir)
     preds = {a["image_id"]: a for a in pred["annotations"]}
+    by_file = {a["file_name"]: a for a in pred["annotations"]}
     from tqdm import tqdm
 
     for ann in tqdm(gt["annotations"], desc="panoptic", disable=len(gt["annotations"]) < 50):
-        if ann["image_id"] not in preds:
-            raise ValueError(f"{pred_json}: no prediction for image {ann['image_id']!r}")
-        p = preds[ann["image_id"]]
+        # Matched by image id, else by PNG name (predictions written with the file stem as id).
+        p = preds.get(ann["image_id"]) or by_file.get(ann["file_name"])
+        if p is None:
+            raise ValueError(f"{pred_json}: no prediction for image {ann['image_id']!r} ({ann['file_name']})")
         gt_ids = _rgb_ids(gt_files.read(ann["file_name"]), f"{gt_dir}/{ann['file_name']}")
         pred_ids = _rgb_ids(pred_files.read(p["file_name"]), f"{pred_dir}/{p['file_name']}")
         if gt_ids.shape != pred_ids.shape:

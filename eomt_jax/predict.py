@@ -123,9 +123,38 @@ def _main(args) -> int:
     return 0
 
 
-def _run(model, args, files, names, stuff, out: Path, tqdm) -> None:
+def _plus_one(label: int) -> int:
+    return label + 1
+
+
+def write_panoptic_png(folder: Path, stem: str, pred: np.ndarray, image_id, category_id=_plus_one) -> dict:
+    """COCO panoptic PNG of an (H, W, 2) prediction; returns its annotation (category ids: `category_id(label)`,
+    class index + 1 by default)."""
+    ids = np.where(pred[..., 1] >= 0, pred[..., 1] + 1, 0)  # COCO: 0 = unlabeled
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / f"{stem}.png")
+    segments = []
+    for sid in np.unique(ids[ids > 0]):
+        region = ids == sid
+        cat = int(np.bincount(pred[..., 0][region]).argmax())
+        segments.append({"id": int(sid), "category_id": category_id(cat), "area": int(region.sum()), "iscrowd": 0})
+    return {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments}
+
+
+def coco_results(pred: dict, image_id, category_id=_plus_one) -> list[dict]:
+    """COCO results entries (RLE masks) of an instance prediction."""
     from pycocotools import mask as mask_util
 
+    out = []
+    for m, label, score in zip(pred["masks"], pred["labels"], pred["scores"]):
+        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append({"image_id": image_id, "category_id": category_id(int(label)), "segmentation": rle,
+                    "score": float(score)})
+    return out
+
+
+def _run(model, args, files, names, stuff, out: Path, tqdm) -> None:
     size = model.config.image_size
     forward = make_forward(model, args.batch_size, masked_attn=False)
     panoptic_json, instances = [], []
@@ -144,23 +173,10 @@ def _run(model, args, files, names, stuff, out: Path, tqdm) -> None:
             stem = path.stem
             if args.task == "panoptic":
                 picture = visualize.panoptic_overlay(image, pred, names)
-                ids = np.where(pred[..., 1] >= 0, pred[..., 1] + 1, 0)  # COCO: 0 = unlabeled
-                rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-                Image.fromarray(rgb).save(out / "panoptic" / f"{stem}.png")
-                segments = []
-                for sid in np.unique(ids[ids > 0]):
-                    region = ids == sid
-                    cat = int(np.bincount(pred[..., 0][region]).argmax())
-                    segments.append({"id": int(sid), "category_id": cat + 1, "area": int(region.sum()),
-                                     "iscrowd": 0})
-                panoptic_json.append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments})
+                panoptic_json.append(write_panoptic_png(out / "panoptic", stem, pred, image_id=stem))
             elif args.task == "instance":
                 picture = visualize.instance_overlay(image, pred["masks"], pred["labels"], pred["scores"], names)
-                for m, label, score in zip(pred["masks"], pred["labels"], pred["scores"]):
-                    rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    instances.append({"image_id": stem, "category_id": int(label) + 1, "segmentation": rle,
-                                      "score": float(score)})
+                instances += coco_results(pred, image_id=stem)
             else:
                 picture = visualize.semantic_overlay(image, pred, len(names))
                 Image.fromarray(pred.astype(np.uint8 if len(names) <= 256 else np.uint16)).save(

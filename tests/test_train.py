@@ -130,3 +130,28 @@ def test_eval_mode_on_a_converted_checkpoint(tmp_path):
 
     num_val = len(load_source("coco_panoptic", tmp_path / "w" / "data", "val"))
     assert len(list((tmp_path / "w" / "overlays").glob("*.png"))) == min(num_val, config.eval.max_images)
+
+
+def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
+    """--mode=eval with save_predictions: `eomt_jax.evaluate` on the written files gives the loop's PQ."""
+    import zipfile
+
+    from eomt_jax.evaluate import evaluate_panoptic
+
+    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config.eval.max_images = 0
+    config.eval.save_predictions = True
+    config.eval.mask_thresh = 0.0  # keep every query of the barely trained model, so the files hold segments
+    config.total_steps = 1
+    train.run(config, tmp_path, "train")
+    results = train.run(config, tmp_path, "eval")
+    with zipfile.ZipFile(tmp_path / "data" / "panoptic_annotations_trainval2017.zip") as z:
+        z.extract("annotations/panoptic_val2017.json", tmp_path)
+        z.extract("annotations/panoptic_val2017.zip", tmp_path)
+    preds = tmp_path / "predictions_1"
+    rescored, per_class = evaluate_panoptic(str(tmp_path / "annotations" / "panoptic_val2017.json"),
+                                    str(tmp_path / "annotations" / "panoptic_val2017.zip"),
+                                    str(preds / "panoptic.json"), str(preds / "panoptic"))
+    for k in ("PQ", "SQ", "RQ", "PQ_things", "PQ_stuff"):
+        assert abs(rescored[k] - results[k]) < 1e-9, k
+    assert sum(c["fp"] + c["tp"] for c in per_class.values()) > 0
