@@ -155,3 +155,16 @@ def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
     for k in ("PQ", "SQ", "RQ", "PQ_things", "PQ_stuff"):
         assert abs(rescored[k] - results[k]) < 1e-9, k
     assert sum(c["fp"] + c["tp"] for c in per_class.values()) > 0
+
+
+@pytest.mark.parametrize("name,keys", [("ade20k_semantic_large", {"mIoU", "pixel_accuracy"}),
+                                       ("coco_instance_large", {"AP", "AP50", "AP75", "APs", "APm", "APl"})])
+def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
+    config = load_config_file(str(REPO / "configs" / f"{name}.py") + ":runlocal")
+    config.total_steps = 1
+    config.eval_every_steps = 1
+    config.eval.masked_attn = True  # as during training: one metric per prediction point
+    result = train.run(config, tmp_path, "train_and_eval")
+    assert keys <= set(result) and {f"{k}_block_-1" for k in keys} <= set(result)
+    assert all(0.0 <= result[k] <= 100.0 for k in keys)
+    assert (tmp_path / "eval_metrics_1.json").exists() and list((tmp_path / "overlays_1").glob("*.png"))
