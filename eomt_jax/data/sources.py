@@ -15,6 +15,8 @@ Use `load_source(name, root, split)`; `SOURCES` lists the names.
 
 from __future__ import annotations
 
+import abc
+
 import concurrent.futures
 import json
 import os
@@ -88,7 +90,7 @@ def _parallel_filter(keep: Callable[[Any], bool], items: Sequence[Any]) -> list[
     return [item for item, k in zip(items, flags) if k]
 
 
-class Source:
+class Source(abc.ABC):
     """Base of every source: a list of index entries and a loader turning one entry into a record."""
 
     class_names: list[str]
@@ -110,8 +112,9 @@ class Source:
     def __getitem__(self, index: int) -> Record:
         return self._load(self._entries[index])
 
+    @abc.abstractmethod
     def _load(self, entry: Any) -> Record:
-        raise NotImplementedError
+        """One index entry -> a record."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
