@@ -20,7 +20,6 @@ import os
 import sys
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -564,14 +563,12 @@ def write_checkpoint(
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    from eomt_jax.atomic import atomic_directory
+
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    dst = Path(dst).absolute()
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
         params = {
             k: jnp.asarray(v, jnp.float32 if k == "attn_mask_probs" else dtype) for k, v in flat.items()
         }
@@ -580,12 +577,6 @@ def write_checkpoint(
         ckptr.wait_until_finished()
         meta = {"model": config.replace(param_dtype=dtype).to_dict(), **(metadata or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -646,7 +637,6 @@ def _backbone_init(sd: dict[str, np.ndarray], overrides: dict[str, Any], seed: i
             f"a DINOv2 backbone carries no EoMT head; pass {', '.join(absent)} (e.g. with --config or --set)"
         )
     patch = int(overrides.get("patch_size", 16))
-    native_patch = sd[_BB + "patch_embed.proj.weight"].shape[-1]
     n_pos = sd[_BB + "pos_embed"].shape[1]
     if not _is_square(n_pos):
         raise ConversionError(f"DINOv2 pos_embed has {n_pos} positions, expected a square grid")

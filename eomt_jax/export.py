@@ -13,8 +13,6 @@ the final (mask_logits, class_logits); the weights are embedded, so serving need
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +21,7 @@ from flax import nnx
 from jax import export
 
 from eomt_jax import pretrained
+from eomt_jax.atomic import write_file
 from eomt_jax.models.eomt import EoMT
 
 
@@ -38,18 +37,6 @@ def export_model(model: EoMT, image_size: int | tuple[int, int], *, symbolic_bat
     return export.export(jax.jit(forward))(jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eomt_jax.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted checkpoint directory")
@@ -61,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     model = pretrained.load(args.checkpoint, dtype=args.dtype)
     size = args.image_size or model.config.image_size
     exported = export_model(model, size, symbolic_batch=not args.fixed_batch)
-    write_atomic(Path(args.out), exported.serialize())
+    write_file(Path(args.out), exported.serialize())
     print(f"wrote {args.out}: input {exported.in_avals[0]}, outputs {[str(a) for a in exported.out_avals]}")
     return 0
 

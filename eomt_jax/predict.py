@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from eomt_jax import pretrained, visualize
+from eomt_jax.atomic import atomic_directory
 from eomt_jax.eval_loop import make_forward
 from eomt_jax.inference import predict
 
@@ -106,19 +104,8 @@ def _main(args) -> int:
         raise ValueError(f"{len(names)} class names for a checkpoint with {c} classes")
     files = find_images(args.input)
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    # Everything goes to a temporary sibling that replaces `out` only when complete.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
         _run(model, args, files, names, stuff, tmp, tqdm)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote predictions for {len(files)} image(s) to {out}")
     return 0
 

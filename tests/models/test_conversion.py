@@ -13,7 +13,6 @@ from transformers import EomtConfig, EomtForUniversalSegmentation
 
 from eomt_jax import pretrained
 from eomt_jax.conversion import (
-    ConversionError,
     expected_shapes,
     hf_eomt_to_official,
     infer_config,

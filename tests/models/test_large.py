@@ -6,7 +6,6 @@ import gc
 
 import numpy as np
 import pytest
-import torch
 
 from eomt_jax import pretrained
 from eomt_jax.conversion import main as convert_main
