@@ -3,11 +3,12 @@
 Training (`train_dataset` + `TrainIterator`):
 
     source -> seeded shuffle (a new order each epoch) -> repeat -> augment (`TrainTransform`, seeded per
-    element) -> this process's slice [process_index::process_count] -> drop skipped samples -> batch ->
+    element) -> this process's rows of each global batch -> drop skipped samples -> batch ->
     optional worker processes -> global `jax.Array`s (`jax.make_array_from_process_local_data`)
 
-Augmentation is keyed by the element's position in the global stream, so the global batch is the same
-whatever the number of processes: process p holds rows p, p + P, p + 2P, ... of the single-process batch.
+Augmentation is keyed by the element's position in the global stream, and process p reads rows
+[p * B/P, (p + 1) * B/P) of every global batch of B, so the global batch is the same, row for row, whatever the
+number of processes (and so are the loss's per-image random draws).
 (A sample skipped by `TrainTransform`, which is rare and logged, shifts its process's stream from then on.)
 A global batch holds `image` uint8 (B, S, S, 3), `masks` bool (B, M, S, S), `labels` int32 (B, M),
 `valid` bool (B, M) and `is_crowd` bool (B, M). Masks travel bit-packed from the workers to the device by
@@ -93,12 +94,16 @@ class TrainSettings:
 
 
 def train_dataset(source: Source, settings: TrainSettings, *, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
+                  process_count: int | None = None, start: int = 0) -> grain.IterDataset:
     """This process's stream of training batches (numpy dicts with `TRAIN_KEYS`, batch_size / processes rows;
     with `settings.pack_masks`, `masks_packed` replaces `masks`: read it through `TrainIterator`).
 
-    `process_index`/`process_count` default to JAX's; pass them to simulate another process.
+    `process_index`/`process_count` default to JAX's; pass them to simulate another process. `start` is a global
+    position in the augmented stream: the stream begins there, whatever the number of processes, so a run can
+    continue on another topology from `start = samples consumed so far` (exact unless samples were skipped).
     """
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     index, count = _process(process_index, process_count)
     if settings.batch_size % count:
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by {count} processes")
@@ -106,13 +111,36 @@ def train_dataset(source: Source, settings: TrainSettings, *, process_index: int
                                settings.color_jitter, settings.max_redraws, settings.pack_masks)
     ds = grain.MapDataset.source(source).shuffle(seed=settings.seed).repeat()
     # Augment before slicing: the random draws then follow the global position, not the process's.
-    ds = ds.random_map(transform, seed=settings.seed)[index::count]
+    ds = ds.random_map(transform, seed=settings.seed)
+    if start:
+        ds = ds[start:]
+    ds = _ProcessRows(ds, settings.batch_size, index, count)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=settings.num_threads, prefetch_buffer_size=8))
     ds = ds.batch(settings.batch_size // count, drop_remainder=True)
     if settings.num_workers > 0:
         _allow_grain_workers()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.num_workers))
     return ds
+
+
+class _ProcessRows(grain.MapDataset):
+    """Process `index`'s contiguous block of rows of every global batch of `global_batch` elements."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._global, self._local, self._index = global_batch, global_batch // count, index
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        row = (i // self._local) * self._global + self._index * self._local + i % self._local
+        return self._parent[row]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(global_batch={self._global}, process={self._index})"
 
 
 @functools.lru_cache(maxsize=None)

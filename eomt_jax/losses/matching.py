@@ -43,6 +43,10 @@ def clean_cost(cost: jax.Array) -> jax.Array:
 
 def _solve_on_host(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """(b, Q, M) costs and (b, M) validity -> (b, M) int32 query per target slot, -1 where none."""
+    # The callback may receive jax.Arrays: index them as NumPy views only. Slicing a jax.Array here would
+    # dispatch a computation to the device that is itself waiting for this callback, and with enough steps
+    # queued ahead the run deadlocks.
+    cost, valid = np.asarray(cost), np.asarray(valid)
     out = np.full(valid.shape, -1, np.int32)
     for k in range(cost.shape[0]):
         cols = np.flatnonzero(valid[k])

@@ -49,10 +49,24 @@ def test_two_processes_split_the_global_batch(shapes):
         for key in TRAIN_KEYS:
             p0, p1 = parts[0][step][key], parts[1][step][key]
             assert len(p0) == len(p1) == 4
-            # Process p holds rows p, p + 2, ... of the global batch: disjoint halves whose union is the batch.
-            np.testing.assert_array_equal(p0, whole[key][0::2])
-            np.testing.assert_array_equal(p1, whole[key][1::2])
+            # Process p holds rows [4p, 4p + 4) of the global batch: the halves, in order, make the batch.
+            np.testing.assert_array_equal(p0, whole[key][:4])
+            np.testing.assert_array_equal(p1, whole[key][4:])
     assert not np.array_equal(parts[0][0]["image"], parts[1][0]["image"])
+
+
+def test_stream_restarts_at_a_global_position_on_any_topology(shapes):
+    # What a resume on another number of processes does: begin at `samples consumed so far`.
+    single = take(iter(train_dataset(shapes, SETTINGS, process_index=0, process_count=1)), 4)
+    start = 2 * SETTINGS.batch_size
+    parts = [take(iter(train_dataset(shapes, SETTINGS, process_index=p, process_count=2, start=start)), 2)
+             for p in (0, 1)]
+    for step in range(2):
+        for key in TRAIN_KEYS:
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, single[2 + step][key])
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        train_dataset(shapes, SETTINGS, start=-1)
 
 
 def test_global_arrays_are_sharded_over_the_mesh(shapes):
