@@ -5,6 +5,7 @@ Entry point: `run(config, workdir, mode)`, called by `python -m eomt_jax.main`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from flax import nnx
 from eomt_jax import mesh as mesh_lib
 from eomt_jax import optim
 from eomt_jax.config_lib import model_config
-from eomt_jax.checkpoints import Checkpointer, abstract_like
+from eomt_jax.checkpoints import Checkpointer, DataPosition, abstract_like
 from eomt_jax.models.eomt import EoMT, EoMTConfig
 from eomt_jax.train_step import StepConfig, make_train_step, split_model
 from eomt_jax.tree import flatten_paths, set_from_flat
@@ -170,7 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
             import orbax.checkpoint as ocp
 
             target = {"params": abstract_like(params), "buffers": abstract_like(buffers)}
-            restored = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data")).restore(
+            manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "data_position"))
+            restored = manager.restore(
                 latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                     item=target, partial_restore=True)))["state"]
             params, buffers = restored["params"], restored["buffers"]
@@ -201,7 +203,33 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     )
     if config.data.batch_size % mesh.size:
         raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the {mesh.size} devices")
-    train_iter = data_lib.TrainIterator(data_lib.train_dataset(source, settings), batch_sharding)
+
+    # Where the stream starts: a checkpoint of this topology restores its Grain states exactly; one written by
+    # another number of processes or workers restarts the stream at its global position.
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
+    start = ckpt.latest_step()
+    position = DataPosition(offset=0, offset_step=0, batch_size=config.data.batch_size,
+                            process_count=jax.process_count(), num_workers=config.data.num_workers)
+    restore_grain = start is not None
+    if start is not None:
+        saved = ckpt.data_position(start)
+        if saved is not None and not saved.same_topology(position):
+            if saved.batch_size != position.batch_size:
+                raise ValueError(
+                    f"{ckpt.directory}/{start} was trained with data.batch_size {saved.batch_size}, the config says "
+                    f"{position.batch_size}: resuming would change the schedule"
+                )
+            position = dataclasses.replace(position, offset=saved.samples_at(start), offset_step=start)
+            restore_grain = False
+            log.info(
+                "checkpoint written by %d process(es) x %d data worker(s), resumed by %d x %d: the training stream "
+                "restarts at global sample %d", saved.process_count, saved.num_workers, position.process_count,
+                position.num_workers, position.offset,
+            )
+        elif saved is not None:
+            position = saved
+    train_iter = data_lib.TrainIterator(data_lib.train_dataset(source, settings, start=position.offset),
+                                        batch_sharding)
 
     # -- Model & optimizer ---------------------------------------------------------------------------------------
     abstract_model = nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0)))
@@ -234,14 +262,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     )
 
     # -- Restore or initialise -----------------------------------------------------------------------------------
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
-    start = ckpt.latest_step()
     if start is not None:
         log.info("resuming from %s step %d", ckpt.directory, start)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
         )
-        state = ckpt.restore(start, target, train_iter.grain_iterator)
+        state = ckpt.restore(start, target, train_iter.grain_iterator if restore_grain else None)
     else:
         state = jax.jit(init_state, static_argnums=0, out_shardings=state_sharding)(config.seed)
         if config.init_from:
@@ -305,7 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
                 writer.write(s, m)
                 bar.set_postfix(loss=f"{float(m['train/loss']):.3f}")
             if step % config.checkpoint_every_steps == 0 or step == stop_at:
-                ckpt.save(step, state, train_iter.grain_iterator)
+                ckpt.save(step, state, train_iter.grain_iterator, position)
                 last_good = step
             if mode == "train_and_eval" and (step % config.eval_every_steps == 0 or step == total):
                 from eomt_jax import eval_loop
