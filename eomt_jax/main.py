@@ -1,4 +1,4 @@
-"""`python -m eomt_jax.main --config=configs/X.py[:arg] --workdir=W [--mode=train|eval|train_and_eval]`.
+"""`python -m eomt_jax.main --config=configs/X.py[:arg] --workdir=W [--mode=train|eval|train_and_eval|compile]`.
 
 Config values are overridden with `--config.key=value` (e.g. `--config.data.root=/data/coco`); the config is
 locked, so a misspelt key is an error. A workdir that holds a checkpoint resumes from it.
@@ -14,7 +14,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/coco_panoptic_large.py:res=640",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "train_and_eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "train_and_eval", "compile"],
+                          "What to run; compile: compile the train step for the mesh, report memory and FLOPs, exit.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
                                  "auto: detect TPU pods / SLURM / Open MPI, else one process; off: never initialise.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")

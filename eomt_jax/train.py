@@ -157,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     # -- Data ----------------------------------------------------------------------------------------------------
     from eomt_jax import data as data_lib
 
-    root = data_root(config, workdir)
+    root = None if mode == "compile" else data_root(config, workdir)
     cfg = model_config(config)
 
     if mode == "eval":
@@ -186,50 +186,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
             )
         return eval_loop.evaluate(config, nnx.merge(graphdef, params, buffers), root, mesh, workdir, step=latest)
 
-    source = data_lib.load_source(config.data.name, root, "train")
-    if source.num_classes != cfg.num_classes:
-        raise ValueError(
-            f"the {config.data.name} training split has {source.num_classes} classes but config.model.num_classes "
-            f"is {cfg.num_classes}"
-        )
-    settings = data_lib.TrainSettings(
-        image_size=config.data.image_size,
-        batch_size=config.data.batch_size,
-        max_instances=config.data.max_instances,
-        seed=config.seed,
-        scale_range=tuple(config.data.scale_range),
-        color_jitter=config.data.color_jitter,
-        num_workers=config.data.num_workers,
-    )
-    if config.data.batch_size % mesh.size:
-        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the {mesh.size} devices")
-
-    # Where the stream starts: a checkpoint of this topology restores its Grain states exactly; one written by
-    # another number of processes or workers restarts the stream at its global position.
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
-    start = ckpt.latest_step()
-    position = DataPosition(offset=0, offset_step=0, batch_size=config.data.batch_size,
-                            process_count=jax.process_count(), num_workers=config.data.num_workers)
-    restore_grain = start is not None
-    if start is not None:
-        saved = ckpt.data_position(start)
-        if saved is not None and not saved.same_topology(position):
-            if saved.batch_size != position.batch_size:
-                raise ValueError(
-                    f"{ckpt.directory}/{start} was trained with data.batch_size {saved.batch_size}, the config says "
-                    f"{position.batch_size}: resuming would change the schedule"
-                )
-            position = dataclasses.replace(position, offset=saved.samples_at(start), offset_step=start)
-            restore_grain = False
-            log.info(
-                "checkpoint written by %d process(es) x %d data worker(s), resumed by %d x %d: the training stream "
-                "restarts at global sample %d", saved.process_count, saved.num_workers, position.process_count,
-                position.num_workers, position.offset,
-            )
-        elif saved is not None:
-            position = saved
-    train_iter = data_lib.TrainIterator(data_lib.train_dataset(source, settings, start=position.offset),
-                                        batch_sharding)
+    if mode == "compile":
+        ckpt = start = train_iter = None
+    else:
+        ckpt, start, position, restore_grain, train_iter = _training_stream(
+            config, cfg, root, mesh, workdir, batch_sharding)
 
     # -- Model & optimizer ---------------------------------------------------------------------------------------
     abstract_model = nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0)))
@@ -262,7 +223,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     )
 
     # -- Restore or initialise -----------------------------------------------------------------------------------
-    if start is not None:
+    if mode == "compile":
+        state = None  # nothing is materialised: the step is compiled for the abstract state
+    elif start is not None:
         log.info("resuming from %s step %d", ckpt.directory, start)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
@@ -293,6 +256,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
+
+    if mode == "compile":
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+        )
+        report: dict[str, Any] = {}
+        compile_and_report(p_step, abstract, abstract_batch(config, batch_sharding), report)
+        if jax.process_index() == 0:
+            (workdir / "compile_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
 
     # -- Loop ----------------------------------------------------------------------------------------------------
     writer = MetricWriter(workdir, config)
@@ -347,32 +320,116 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     return {"step": step, **results}
 
 
+def _training_stream(config, cfg: EoMTConfig, root: Path, mesh, workdir: Path, batch_sharding):
+    """The training batches, positioned where the workdir's latest checkpoint (if any) left them.
+
+    Returns (checkpointer, latest step or None, data position, whether to restore the Grain states, iterator).
+    """
+    from eomt_jax import data as data_lib
+
+    source = data_lib.load_source(config.data.name, root, "train")
+    if source.num_classes != cfg.num_classes:
+        raise ValueError(
+            f"the {config.data.name} training split has {source.num_classes} classes but config.model.num_classes "
+            f"is {cfg.num_classes}"
+        )
+    settings = data_lib.TrainSettings(
+        image_size=config.data.image_size,
+        batch_size=config.data.batch_size,
+        max_instances=config.data.max_instances,
+        seed=config.seed,
+        scale_range=tuple(config.data.scale_range),
+        color_jitter=config.data.color_jitter,
+        num_workers=config.data.num_workers,
+    )
+    if config.data.batch_size % mesh.size:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the {mesh.size} devices")
+
+    # Where the stream starts: a checkpoint of this topology restores its Grain states exactly; one written by
+    # another number of processes or workers restarts the stream at its global position.
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
+    start = ckpt.latest_step()
+    position = DataPosition(offset=0, offset_step=0, batch_size=config.data.batch_size,
+                            process_count=jax.process_count(), num_workers=config.data.num_workers)
+    restore_grain = start is not None
+    if start is not None:
+        saved = ckpt.data_position(start)
+        if saved is not None and not saved.same_topology(position):
+            if saved.batch_size != position.batch_size:
+                raise ValueError(
+                    f"{ckpt.directory}/{start} was trained with data.batch_size {saved.batch_size}, the config says "
+                    f"{position.batch_size}: resuming would change the schedule"
+                )
+            position = dataclasses.replace(position, offset=saved.samples_at(start), offset_step=start)
+            restore_grain = False
+            log.info(
+                "checkpoint written by %d process(es) x %d data worker(s), resumed by %d x %d: the training stream "
+                "restarts at global sample %d", saved.process_count, saved.num_workers, position.process_count,
+                position.num_workers, position.offset,
+            )
+        elif saved is not None:
+            position = saved
+    train_iter = data_lib.TrainIterator(data_lib.train_dataset(source, settings, start=position.offset),
+                                        batch_sharding)
+    return ckpt, start, position, restore_grain, train_iter
+
+
+def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of one global training batch (see `eomt_jax.data.pipeline`)."""
+    b, m, s = config.data.batch_size, config.data.max_instances, config.data.image_size
+    shapes = {
+        "image": ((b, s, s, 3), jnp.uint8),
+        "masks": ((b, m, s, s), jnp.bool_),
+        "labels": ((b, m), jnp.int32),
+        "valid": ((b, m), jnp.bool_),
+        "is_crowd": ((b, m), jnp.bool_),
+    }
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def compile_and_report(p_step, state, batch):
-    """Compile the step ahead of time, log its per-device memory and FLOPs, and return the executable."""
+def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = None):
+    """Compile the step ahead of time, log its per-device memory and FLOPs, and return the executable.
+
+    `state` and `batch` may be arrays or ShapeDtypeStructs with shardings. When `report` is a dict, the figures
+    are stored in it too (bytes and FLOPs, per device, as XLA's compiler estimates them).
+    """
     t = time.perf_counter()
     compiled = p_step.lower(state, batch).compile()
     seconds = time.perf_counter() - t
-    lines = [f"train step compiled in {seconds:.1f} s"]
+    figures: dict[str, Any] = {"compile_seconds": seconds, "devices": jax.device_count(),
+                               "device_kind": jax.devices()[0].device_kind}
+    lines = [f"train step compiled in {seconds:.1f} s for {jax.device_count()} {figures['device_kind']} device(s)"]
     try:
         mem = compiled.memory_analysis()
-        if mem is not None:
-            lines.append(
-                f"per-device memory: arguments {_size(mem.argument_size_in_bytes)}, temporaries "
-                f"{_size(mem.temp_size_in_bytes)}, outputs {_size(mem.output_size_in_bytes)}"
-            )
     except Exception:  # not every backend reports memory
-        pass
+        mem = None
+    if mem is not None:
+        figures.update(
+            arguments_bytes=mem.argument_size_in_bytes, temporaries_bytes=mem.temp_size_in_bytes,
+            outputs_bytes=mem.output_size_in_bytes, aliased_bytes=mem.alias_size_in_bytes,
+        )
+        # Donated state buffers are reused for the new state: count them once.
+        figures["total_bytes"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                                  - mem.alias_size_in_bytes)
+        lines.append(
+            f"per-device memory: arguments {_size(mem.argument_size_in_bytes)}, temporaries "
+            f"{_size(mem.temp_size_in_bytes)}, outputs {_size(mem.output_size_in_bytes)} "
+            f"(donated {_size(mem.alias_size_in_bytes)}), total {_size(figures['total_bytes'])}"
+        )
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        if cost and "flops" in cost:
-            lines.append(f"FLOPs per step (XLA estimate, per device): {cost['flops'] / 1e9:.2f} GFLOP")
     except Exception:
-        pass
+        cost = None
+    if cost and "flops" in cost:
+        figures["flops"] = float(cost["flops"])
+        lines.append(f"FLOPs per step (XLA estimate, per device): {cost['flops'] / 1e9:.2f} GFLOP")
     for line in lines:
         log.info(line)
+    if report is not None:
+        report.update(figures)
     return compiled
