@@ -20,13 +20,26 @@ _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_A
 
 
 def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, local_device_ids: str | None = None) -> None:
+    """Start JAX's distributed runtime as the flags say (see the module docstring).
+
+    `local_device_ids` ("0,1,2,3") names the accelerators this process drives. Under SLURM and Open MPI, JAX
+    otherwise gives each process only the device numbered by its local rank (one process per GPU); pass all of
+    a node's ids to run one process per node instead.
+    """
     if mode not in ("auto", "off"):
         raise ValueError(f"--distributed must be 'auto' or 'off', got {mode!r}")
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    ids = None
+    if local_device_ids:
+        try:
+            ids = [int(i) for i in local_device_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--local_device_ids must be comma-separated integers, got {local_device_ids!r}") from None
     if mode == "off":
-        if explicit:
-            raise ValueError("--distributed=off contradicts --coordinator_address/--num_processes/--process_id")
+        if explicit or ids is not None:
+            raise ValueError("--distributed=off contradicts --coordinator_address/--num_processes/--process_id/"
+                             "--local_device_ids")
         return
     if explicit:
         missing = [n for n, v in (("--coordinator_address", coordinator_address), ("--num_processes", num_processes),
@@ -35,9 +48,11 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
             raise ValueError(f"explicit multi-process start-up needs {', '.join(missing)} as well")
         # CPU devices of several processes talk through gloo collectives (ignored by GPU and TPU backends).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=ids)
     elif any(v in os.environ for v in _CLUSTER_ENV) or _on_tpu_pod():
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=ids)
+    elif ids is not None:
+        raise ValueError("--local_device_ids needs a multi-process launch (a cluster manager or --coordinator_address)")
     log.info(
         "process %d of %d: %d local devices, %d global devices (%s)",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),

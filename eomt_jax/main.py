@@ -21,6 +21,9 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-process).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None, "Comma-separated accelerator ids this process drives (default: JAX's choice; under "
+    "SLURM/Open MPI that is one device per process, numbered by the local rank).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,7 +35,8 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from eomt_jax import distributed, train
 
-    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _LOCAL_DEVICE_IDS.value)
     train.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 

@@ -116,3 +116,23 @@ def test_two_processes_match_one_and_restore_on_another_topology(tmp_path):
     assert "eval/PQ" in eval_keys
     for step in (2, 4):  # step 2 evaluated by two processes (results gathered), step 4 by one
         _close(a[step], b[step], eval_keys, f"evaluation at step {step}")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="off", coordinator_address="127.0.0.1:1234"), "contradicts"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2), "--process_id as well"),
+    (dict(local_device_ids="0,a"), "comma-separated integers"),
+    (dict(local_device_ids="0,1"), "needs a multi-process launch"),
+    (dict(mode="on"), "must be 'auto' or 'off'"),
+])
+def test_distributed_flags_are_checked(kwargs, message, monkeypatch):
+    from eomt_jax import distributed
+
+    for var in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(**kwargs)
+    distributed.initialize("auto")  # no cluster here: stays one process
+    import jax
+
+    assert jax.process_count() == 1
