@@ -112,7 +112,7 @@ def experiment(
 
     c.optim = optim.default_config()
 
-    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size) pairs; -1 = the remaining devices
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = mesh_lib.DEFAULT_RULES  # (regex over state paths, "fsdp" | "replicate"); first match wins
     c.sharding.min_size = 2**18  # leaves smaller than this stay replicated

@@ -1,6 +1,6 @@
 """Device mesh and shardings from the config.
 
-`config.mesh` is a list of (axis name, size) with at most one -1 ("the remaining devices"). The batch is split over
+`config.mesh` is a sequence of (axis name, size) with at most one -1 ("the remaining devices"). The batch is split over
 every axis; parameters are replicated unless a sharding rule says otherwise.
 """
 
