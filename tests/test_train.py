@@ -132,6 +132,36 @@ def test_eval_mode_on_a_converted_checkpoint(tmp_path):
     assert len(list((tmp_path / "w" / "overlays").glob("*.png"))) == min(num_val, config.eval.max_images)
 
 
+def test_fine_tune_on_other_classes_keeps_the_backbone_and_skips_the_class_head(tmp_path):
+    """The original's recipe: a COCO (133-class) model fine-tuned on ADE20K panoptic (150 classes)."""
+    from eomt_jax import pretrained
+    from eomt_jax.conversion import main as convert_main
+    from eomt_jax.tree import flatten_paths
+    from tests.models import oracle
+
+    model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
+    assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
+    config = load_config_file(str(REPO / "configs" / "ade20k_panoptic_large.py") + ":runlocal")
+    config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
+    config.init_from = str(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="load_class_head=False"):
+        train.run(config, tmp_path / "refused", "train")
+
+    cfg = config_lib.model_config(config)
+    _, fresh, _ = split_model(EoMT(cfg, rngs=nnx.Rngs(0)))
+    merged = flatten_paths(train.overlay_pretrained(fresh, str(tmp_path / "ckpt"), cfg, load_class_head=False))
+    _, source, _ = split_model(pretrained.load(str(tmp_path / "ckpt")))
+    source, fresh = flatten_paths(source), flatten_paths(fresh)
+    for key, value in merged.items():
+        expected = fresh[key] if key.startswith("class_head/") else source[key]
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=key)
+    assert merged["class_head/kernel"].shape[-1] == 151
+
+    config.load_class_head = False
+    result = train.run(config, tmp_path / "w", "train")
+    assert result["step"] == config.total_steps
+
+
 def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
     """--mode=eval with save_predictions: `eomt_jax.evaluate` on the written files gives the loop's PQ."""
     import zipfile
