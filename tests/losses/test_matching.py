@@ -105,3 +105,22 @@ def test_on_the_8_device_mesh_each_device_matches_its_own_shard(matcher, axes, m
 def test_unknown_matcher_is_rejected():
     with pytest.raises(ValueError, match="unknown matcher"):
         get_matcher("hungarian")
+
+
+def test_host_solver_reads_its_inputs_as_numpy_only():
+    # Inside the jitted step the callback receives device arrays; indexing them as jax.Arrays would dispatch work
+    # to the device that waits on this very callback (a deadlock once enough steps are queued). Inputs that only
+    # offer the NumPy array protocol prove the solver converts first and never calls back into JAX.
+    class ArrayOnly:
+        def __init__(self, a):
+            self._a = a
+
+        def __array__(self, dtype=None, copy=None):
+            return self._a if dtype is None else self._a.astype(dtype)
+
+    rng = np.random.default_rng(0)
+    cost = rng.random((2, 5, 3)).astype(np.float32)
+    valid = np.array([[True, True, False], [True, True, True]])
+    out = matching._solve_on_host(ArrayOnly(cost), ArrayOnly(valid))
+    np.testing.assert_array_equal(out, matching._solve_on_host(cost, valid))
+    assert out[0, 2] == -1 and (out[1] >= 0).all()
