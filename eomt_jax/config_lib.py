@@ -93,7 +93,7 @@ def experiment(
     model = preset(size, num_classes=num_classes, num_queries=num_queries, image_size=image_size).to_dict()
     model["image_size"] = tuple(model["image_size"])
     c.model = ml_collections.ConfigDict(model)
-    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; parameters stay float32
 
     c.anneal = ml_collections.ConfigDict()
     c.anneal.starts = tuple(anneal_starts)
@@ -173,4 +173,8 @@ def model_config(config) -> EoMTConfig:
     """The network architecture from a config's `model` section."""
     d = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     d["image_size"] = tuple(d["image_size"])
+    if d.get("dtype") == "auto":
+        import jax
+
+        d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return EoMTConfig.from_dict(d)

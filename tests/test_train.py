@@ -198,3 +198,12 @@ def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
     assert keys <= set(result) and {f"{k}_block_-1" for k in keys} <= set(result)
     assert all(0.0 <= result[k] <= 100.0 for k in keys)
     assert (tmp_path / "eval_metrics_1.json").exists() and list((tmp_path / "overlays_1").glob("*.png"))
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):
+    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py"))
+    assert config.model.dtype == "auto"
+    assert config_lib.model_config(config).dtype == "float32"  # the tests run on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = config_lib.model_config(config)
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
