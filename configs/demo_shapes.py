@@ -2,8 +2,10 @@
 
     python -m eomt_jax.main --config=configs/demo_shapes.py --workdir=workdir/demo --mode=train_and_eval
 
-The dataset (512 train / 64 val images at 128 px, COCO panoptic layout) is generated into `<workdir>/data` on first
-use. Sized for a 2-core laptop CPU; the README gives the PQ and wall time measured on one.
+The dataset (512 train / 64 val images at 128 px, COCO panoptic layout; see `eomt_jax.data.synthetic`) is generated
+into `<workdir>/data` on first use. Sized for a 2-core laptop CPU: 300 steps of batch 16 from scratch; the README
+gives the PQ and wall time measured on one. `:steps=N` trains for N steps instead; `:runlocal` is a 2-step smoke
+run of a tiny model at 64 px.
 """
 
 from eomt_jax import config_lib
@@ -11,7 +13,7 @@ from eomt_jax.models.eomt import EoMTConfig
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, runlocal=False, steps=600)
+    a = config_lib.parse_arg(arg, runlocal=False, steps=300)
     c = config_lib.experiment(
         task="panoptic", dataset="coco_panoptic", size="S", image_size=128, num_classes=6, num_queries=16,
         epochs=1, anneal_starts=(0, 0), anneal_ends=(1, 1),
@@ -19,12 +21,12 @@ def get_config(arg=None):
     c.total_steps = a.steps
     c.log_every_steps = 20
     c.eval_every_steps = a.steps
-    c.checkpoint_every_steps = 200
+    c.checkpoint_every_steps = 100
     c.data.name = "shapes"
     c.data.generate = "shapes"
     c.data.image_size = 128
     c.data.batch_size = 16
-    c.data.max_instances = 12
+    c.data.max_instances = 8  # at most 3 stuff + 3 things per image
     c.data.scale_range = (0.5, 1.5)
     c.data.num_workers = 0
     model = EoMTConfig(
@@ -38,7 +40,7 @@ def get_config(arg=None):
     c.anneal.ends = (a.steps // 3, 2 * a.steps // 3)
     c.loss.num_points = 256
     # From scratch, no pretrained backbone: no layer-wise decay, short warm-ups, a larger base LR.
-    c.optim.lr = 4e-4
+    c.optim.lr = 1e-3
     c.optim.llrd = 1.0
     c.optim.warmup_steps = (20, 20)
     c.eval.batch_size = 16
@@ -49,7 +51,9 @@ def get_config(arg=None):
         c.eval_every_steps = 2
         c.checkpoint_every_steps = 2
         c.data.batch_size = 8
-        c.data.generate_kwargs = dict(num_train=16, num_val=8)
+        c.data.image_size = 64
+        c.data.generate_kwargs = dict(num_train=16, num_val=8, size=64)
+        c.model.update(embed_dim=64, depth=3, num_heads=2, mlp_hidden=128, num_queries=8, image_size=(64, 64))
         c.eval.max_images = 8
         c.anneal.starts, c.anneal.ends = (0, 1), (1, 2)
     return c

@@ -271,6 +271,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     writer = MetricWriter(workdir, config)
     total = config.total_steps
     stop_at = total if not config.max_steps_per_run else min(total, start + config.max_steps_per_run)
+    if start >= total:
+        log.warning("%s already holds the final step %d of %d: nothing to train (--mode=eval evaluates it; use a new "
+                    "--workdir to train again)", workdir, start, total)
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)

@@ -8,10 +8,11 @@ KIND is one of
     maps, images that the readers must skip), read with `load_source("coco_panoptic", DIR, "train")` etc.;
   * `shapes`: a learnable panoptic dataset in the COCO panoptic layout, read with
     `load_source("shapes", DIR, split)` (the same reader as "coco_format": classes come from the JSON).
-    Each image shows 2-3 textured stuff regions (grass, water, sand) and 1-5 things (circle, square,
-    triangle) of random size, colour and position that may occlude each other. It is meant to be learnt by
-    a small model in minutes on a CPU at 128 px, yet colour alone does not give the classes away: things
-    take any colour, so the shape (and, for stuff, the texture) has to be recognised.
+    Each image shows 2-3 textured stuff regions (grass, water, sand) and 1-3 things (circle, square,
+    triangle; at most one of each) of random size and position that may occlude each other, each thing a flat
+    colour jittered around its class's hue (red circles, purple squares, yellow triangles). It is sized so
+    that a small EoMT learns it from scratch in minutes on a laptop CPU at 128 px: segmenting the instances,
+    their occlusions and the wavy stuff borders, and ranking each segment's class with a confident score.
 
 Every writer returns the ground truth it drew: `{source name: {split: [record, ...]}}` with records in the
 order the sources index them, so tests can compare source output with what was written.
@@ -396,6 +397,8 @@ def write_cityscapes(out: str, num_train: int = 8, num_val: int = 4, size: int =
 SHAPES_THINGS = ("circle", "square", "triangle")
 SHAPES_STUFF = ("grass", "water", "sand")
 # Stuff textures: a base colour and a pattern, each jittered per image.
+# Things: flat colours around one hue per class (red circles, purple squares, yellow triangles).
+_THING_COLOURS = ((205, 45, 45), (140, 60, 200), (230, 205, 40))
 _STUFF_STYLE = {"grass": ((60, 140, 50), "noise"), "water": ((50, 90, 170), "stripes"),
                 "sand": ((200, 180, 120), "dots")}
 
@@ -428,13 +431,13 @@ def _shapes_sample(rng, k: int, size: int) -> tuple[dict, dict]:
     for b, name in enumerate(stuff_names):
         image = np.where((band == b)[..., None], _stuff_texture(rng, name, h, w), image)
 
-    # Things: 1-5 shapes drawn in order (later ones occlude earlier ones).
+    # Things: 1-3 shapes of distinct kinds drawn in order (later ones occlude earlier ones).
     owner = Image.new("I", (w, h), 0)
     draw = ImageDraw.Draw(owner)
     things = []
-    for t in range(1, int(rng.integers(1, 6)) + 1):
-        kind = int(rng.integers(0, 3))
-        r = rng.uniform(0.08, 0.22) * size
+    kinds = rng.permutation(3)[: int(rng.integers(1, 4))]
+    for t, kind in enumerate(kinds.tolist(), start=1):
+        r = rng.uniform(0.12, 0.25) * size
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         if kind == 0:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=t)
@@ -445,9 +448,10 @@ def _shapes_sample(rng, k: int, size: int) -> tuple[dict, dict]:
             pts = [(cx + r * 1.2 * np.cos(angle + a), cy + r * 1.2 * np.sin(angle + a))
                    for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)]
             draw.polygon(pts, fill=t)
-        things.append((t, kind, rng.integers(0, 256, 3)))
+        # A flat colour from the class's hue family, jittered per thing.
+        things.append((t, kind, np.clip(np.asarray(_THING_COLOURS[kind]) + rng.integers(-40, 41, 3), 0, 255)))
     owner = np.asarray(owner).astype(np.int32)
-    for t, _, colour in things:
+    for t, kind, colour in things:
         shade = colour + rng.normal(0, 6, (h, w, 3))
         image = np.where((owner == t)[..., None], shade, image)
     image = np.clip(image, 0, 255).astype(np.uint8)
