@@ -112,9 +112,16 @@ def test_shapes_dataset_is_varied(generated):
     assert min(things) >= 1 and max(things) >= 3
     assert set(stuff) <= {1, 2, 3} and len(set(stuff)) > 1
     assert set(np.concatenate([r["labels"] for r in records]).tolist()) == set(range(6))
-    # Thing colours are not tied to the class: each class shows a wide range of mean colours.
+    # At most one thing of each shape per image.
+    assert all(np.bincount(r["labels"][r["labels"] < 3], minlength=3).max() <= 1 for r in records)
+    # Things are flat colours around their class's hue: each class's mean colour is nearest to its own
+    # class's average, and the colour still varies from thing to thing.
+    colours = {label: np.array([r["image"][m].mean(0) for r in records
+                                for m, l in zip(r["masks"], r["labels"]) if l == label]) for label in range(3)}
+    centres = np.stack([colours[label].mean(0) for label in range(3)])
     for label in range(3):
-        colours = [r["image"][m].mean(0) for r in records for m, l in zip(r["masks"], r["labels"]) if l == label]
-        assert np.ptp(np.array(colours), axis=0).max() > 100
+        nearest = np.linalg.norm(colours[label][:, None] - centres[None], axis=-1).argmin(1)
+        assert (nearest == label).all()
+        assert np.ptp(colours[label], axis=0).max() > 20
     # Panoptic: masks are disjoint.
     assert all(r["masks"].sum(0).max() == 1 for r in records)
