@@ -5,7 +5,7 @@ numbers of one published setting (UPSTREAM §3.7 of the original), so the files 
 defined once, here. Top-level keys that scripts and documentation rely on:
 
   task, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, max_steps_per_run, seed,
-  init_from, load_class_head, and the sections data, model, anneal, loss, optim, mesh, sharding, eval, log.
+  init_from, load_class_head, grad_accum_steps, remat, and the sections data, model, anneal, loss, optim, mesh, sharding, eval, log.
 
 `arg` strings follow big_vision's convention: `file.py:res=1280,runlocal` -> {"res": "1280", "runlocal": True}.
 """
@@ -75,6 +75,11 @@ def experiment(
     c.checkpoint_every_steps = 2000
     c.max_steps_per_run = 0  # 0 = no limit; >0 stops (with a checkpoint) after that many steps of this process
     c.seed = 0
+    # Memory levers (same training arithmetic): microbatches per optimizer update (the global batch is
+    # data.batch_size), and per-block rematerialisation: "none", "block" (recompute everything) or
+    # "block_save_dots" (keep the matmul outputs, recompute attention, norms and GELU).
+    c.grad_accum_steps = 1
+    c.remat = "none"
     c.init_from = ""  # converted EoMT checkpoint or DINOv2 backbone (convert/torch_to_flax.py)
     c.load_class_head = True  # False to fine-tune on a dataset with other classes
 

@@ -10,6 +10,19 @@ State (a dict, saved as is in checkpoints):
 The masked-attention probabilities used for a batch are computed from `step` inside the step (so annealing never
 recompiles) and written back to `buffers` afterwards, for the post-update step, so that a checkpoint holds the
 values the next batch will use, as the original's module buffer does.
+
+Gradient accumulation (`grad_accum_steps` = N > 1) runs the global batch as N microbatches in a `lax.scan`, sums
+their gradients and applies one optimizer update: the same update as one step on the whole batch, up to float
+rounding, with the activations of one microbatch in memory at a time. What makes it the same:
+
+* the loss normalisers (matched-mask count, CE weight sum) are those of the global batch, computed once from its
+  targets (`losses.batch_normalisers`), so microbatch losses, their loss terms and their gradients simply add up;
+* every random draw (attention-mask disabling, loss points) derives from the image's position in the global batch
+  (`image_index`), so an image gets the same draws in a microbatch as in the whole batch;
+* the step counter, the learning rates and the masked-attention probabilities are evaluated once per update.
+
+Microbatch j holds images j, j + N, j + 2N, ...: each device holds a contiguous block of the batch, so taking every
+N-th image gives every microbatch B / (N * devices) images of each device, and splitting the batch moves no data.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from eomt_jax import annealing, losses
 from eomt_jax.tree import path_str
 
@@ -33,6 +48,24 @@ class StepConfig:
     anneal_ends: tuple[int, ...]
     anneal_power: float
     loss_kwargs: dict[str, Any]
+    grad_accum_steps: int = 1  # microbatches per optimizer update (config.grad_accum_steps)
+    remat: str = "none"  # per-block rematerialisation (config.remat), a models.eomt.REMAT_POLICIES name
+
+    def __post_init__(self):
+        from eomt_jax.models.eomt import check_remat
+
+        check_remat(self.remat)
+        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
+            raise ValueError(f"config.grad_accum_steps must be a positive integer, got {self.grad_accum_steps!r}")
+
+
+def check_grad_accum(batch_size: int, grad_accum_steps: int, num_devices: int) -> None:
+    """Raise ValueError unless the global batch splits into `grad_accum_steps` microbatches that span every device."""
+    if batch_size % grad_accum_steps or (batch_size // grad_accum_steps) % num_devices:
+        raise ValueError(
+            f"config.grad_accum_steps={grad_accum_steps} must divide the global batch of {batch_size} "
+            f"(config.data.batch_size) into microbatches whose size is a multiple of the {num_devices} devices"
+        )
 
 
 def split_model(model: nnx.Module):
@@ -51,25 +84,63 @@ def make_train_step(
     mesh=None,
 ):
     """Build the (unjitted) step; the caller jits it with shardings and donation."""
+    n = cfg.grad_accum_steps
+    batch_axes = None if mesh is None else tuple(mesh.axis_names)  # the batch is split over every mesh axis
+
+    def constrain(x, *spec):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
         step = state["step"]
         probs = annealing.attn_mask_probs(step, cfg.anneal_starts, cfg.anneal_ends, cfg.anneal_power)
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         model_key, loss_key = jax.random.split(key)
-        images = batch["image"].astype(jnp.float32) / 255.0
-        targets = {k: batch[k] for k in ("masks", "labels", "valid")}
+        batch = {k: batch[k] for k in ("image", "masks", "labels", "valid")}
 
-        def loss_fn(params):
+        def loss_fn(params, batch, image_index, normalisers):
             model = nnx.merge(graphdef, params, state["buffers"])
-            mask_logits, class_logits = model(images, probs, key=model_key, masked_attn=True)
+            images = batch["image"].astype(jnp.float32) / 255.0
+            mask_logits, class_logits = model(
+                images, probs, key=model_key, masked_attn=True, image_index=image_index, remat=cfg.remat
+            )
+            targets = {k: batch[k] for k in ("masks", "labels", "valid")}
             total, terms = losses.mask_classification_loss(
                 mask_logits, class_logits, targets, loss_key, num_classes=cfg.num_classes, mesh=mesh,
-                **cfg.loss_kwargs,
+                image_index=image_index, **normalisers, **cfg.loss_kwargs,
             )
             return total, terms
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        b = batch["image"].shape[0]
+        if n == 1:
+            # The batch is its own global batch: the loss computes its normalisers from it.
+            (loss, terms), grads = grad_fn(state["params"], batch, jnp.arange(b), {})
+        else:
+            check_grad_accum(b, n, 1 if mesh is None else mesh.size)
+            num_queries = nnx.merge(graphdef, state["params"], state["buffers"]).config.num_queries
+            num_masks, class_weight_sum = losses.batch_normalisers(
+                batch["valid"], num_queries, cfg.loss_kwargs.get("no_object_coefficient", 0.1)
+            )
+            normalisers = {"num_masks": num_masks, "class_weight_sum": class_weight_sum}
+
+            def split(x):  # (B, ...) -> (N, B / N, ...), microbatch j = images j, j + N, ...
+                x = constrain(x.reshape(b // n, n, *x.shape[1:]), batch_axes)
+                return constrain(jnp.swapaxes(x, 0, 1), None, batch_axes)
+
+            micro = jax.tree.map(split, batch)
+            index = jnp.arange(b).reshape(b // n, n).T
+
+            def accumulate(grad_sum, xs):
+                mb, image_index = xs
+                mb = jax.tree.map(lambda x: constrain(x, batch_axes), mb)
+                (loss, terms), grads = grad_fn(state["params"], mb, image_index, normalisers)
+                return jax.tree.map(jnp.add, grad_sum, grads), (loss, terms)
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            grads, (loss, terms) = jax.lax.scan(accumulate, zeros, (micro, index))
+            # Every microbatch is normalised by the global batch's counts: the global values are the sums.
+            loss, terms = loss.sum(), {k: v.sum() for k, v in terms.items()}
+            terms["num_masks"] = num_masks
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_step = step + 1

@@ -2,6 +2,7 @@
 
 from eomt_jax.losses.mask_classification import (
     SamplePoints,
+    batch_normalisers,
     draw_points,
     mask_classification_loss,
     mask_classification_loss_from_points,
@@ -15,6 +16,7 @@ from eomt_jax.losses.point_sampling import point_sample
 __all__ = [
     "MATCHERS",
     "SamplePoints",
+    "batch_normalisers",
     "draw_points",
     "get_matcher",
     "mask_classification_loss",

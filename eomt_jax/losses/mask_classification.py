@@ -22,6 +22,13 @@ average instead of the global count at 1, which differs only for batches with fe
 weighted mean is taken over the global batch; the original averages per-device weighted means, which is the same
 on one device and nearly the same whenever the devices hold similar numbers of matched queries.
 
+Both normalisers depend on the targets only (`batch_normalisers`): every matcher gives min(valid targets, Q)
+queries a target in each image. Gradient accumulation computes them once for the global batch and passes them
+to every microbatch, so that the microbatches' losses (and gradients) add up to those of the global batch.
+
+Randomness is per image: image b draws its points from `fold_in(key, image_index[b])` (default: its position b in
+the batch), so an image gets the same points whether it is scored with the whole batch or in a microbatch of it.
+
 Padding never changes a value: padded target slots (`valid` False) take no part in matching, point losses, class
 targets or counts, whatever their masks and labels hold.
 
@@ -64,15 +71,42 @@ def draw_points(
     num_points: int = 12544,
     oversample_ratio: float = 3.0,
     importance_sample_ratio: float = 0.75,
+    image_index: jax.Array | None = None,
 ) -> SamplePoints:
-    """Fresh uniform points for one output (counts rounded down with `int`, as the original does)."""
-    k_match, k_over, k_rand = jax.random.split(key, 3)
+    """Fresh uniform points for one output (counts rounded down with `int`, as the original does).
+
+    Image b draws from `fold_in(key, image_index[b])`; `image_index` (batch_size,) int defaults to arange.
+    """
     num_uncertain = int(importance_sample_ratio * num_points)
-    return SamplePoints(
-        matching=jax.random.uniform(k_match, (batch_size, num_points, 2)),
-        oversampled=jax.random.uniform(k_over, (batch_size, num_slots, int(oversample_ratio * num_points), 2)),
-        random=jax.random.uniform(k_rand, (batch_size, num_slots, num_points - num_uncertain, 2)),
-    )
+    image_index = jnp.arange(batch_size) if image_index is None else jnp.asarray(image_index)
+    if image_index.shape != (batch_size,):
+        raise ValueError(f"image_index must have shape ({batch_size},), got {image_index.shape}")
+
+    def one_image(i):
+        k_match, k_over, k_rand = jax.random.split(jax.random.fold_in(key, i), 3)
+        return SamplePoints(
+            matching=jax.random.uniform(k_match, (num_points, 2)),
+            oversampled=jax.random.uniform(k_over, (num_slots, int(oversample_ratio * num_points), 2)),
+            random=jax.random.uniform(k_rand, (num_slots, num_points - num_uncertain, 2)),
+        )
+
+    return jax.vmap(one_image)(image_index)
+
+
+def batch_normalisers(
+    valid: jax.Array, num_queries: int, no_object_coefficient: float = 0.1
+) -> tuple[jax.Array, jax.Array]:
+    """(num_masks, class_weight_sum) of a batch of targets, float32 scalars, known before the network runs.
+
+    num_masks = max(number of valid targets, 1), the mask-loss normaliser. class_weight_sum = the sum of the CE
+    weights over all B x Q queries, the CE normaliser: each image has min(valid targets, Q) matched queries
+    (weight 1; every matcher assigns that many), the others weigh `no_object_coefficient`.
+    """
+    per_image = jnp.sum(valid, axis=-1)
+    matched = jnp.sum(jnp.minimum(per_image, num_queries)).astype(jnp.float32)
+    unmatched = valid.shape[0] * num_queries - matched
+    num_masks = jnp.maximum(jnp.sum(per_image).astype(jnp.float32), 1.0)
+    return num_masks, matched + no_object_coefficient * unmatched
 
 
 def matching_cost(
@@ -125,6 +159,7 @@ def output_loss(
     points: SamplePoints,
     *,
     num_masks: jax.Array,
+    class_weight_sum: jax.Array | None = None,
     no_object_coefficient: float = 0.1,
     mask_coefficient: float = 5.0,
     dice_coefficient: float = 5.0,
@@ -134,6 +169,8 @@ def output_loss(
     batch_axes: Sequence[str] | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """The unweighted terms of one network output, given its random points.
+
+    `class_weight_sum` is the CE normaliser; None: this batch's own sum of the CE weights.
 
     Returns ({"loss_mask", "loss_dice", "loss_ce"}, target_to_query (B, M) int32 with -1 for unmatched slots).
     """
@@ -176,7 +213,7 @@ def output_loss(
     weight = jnp.where(target_class == num_classes, no_object_coefficient, 1.0)
     log_probs = jax.nn.log_softmax(class_logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
-    loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
+    loss_ce = jnp.sum(weight * nll) / (jnp.sum(weight) if class_weight_sum is None else class_weight_sum)
     return {"loss_mask": loss_mask, "loss_dice": loss_dice, "loss_ce": loss_ce}, target_to_query
 
 
@@ -199,6 +236,7 @@ def mask_classification_loss_from_points(
     class_coefficient: float = 2.0,
     matcher: str | Matcher = "scipy",
     num_masks: jax.Array | float | None = None,
+    class_weight_sum: jax.Array | float | None = None,
     mesh: Mesh | None = None,
     batch_axes: Sequence[str] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -217,6 +255,8 @@ def mask_classification_loss_from_points(
     if num_masks is None:
         num_masks = jnp.maximum(jnp.sum(targets["valid"]).astype(jnp.float32), 1.0)
     num_masks = jnp.asarray(num_masks, jnp.float32)
+    if class_weight_sum is not None:
+        class_weight_sum = jnp.asarray(class_weight_sum, jnp.float32)
 
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
@@ -227,6 +267,7 @@ def mask_classification_loss_from_points(
             targets,
             pts,
             num_masks=num_masks,
+            class_weight_sum=class_weight_sum,
             no_object_coefficient=no_object_coefficient,
             mask_coefficient=mask_coefficient,
             dice_coefficient=dice_coefficient,
@@ -263,6 +304,8 @@ def mask_classification_loss(
     class_coefficient: float = 2.0,
     matcher: str | Matcher = "scipy",
     num_masks: jax.Array | float | None = None,
+    class_weight_sum: jax.Array | float | None = None,
+    image_index: jax.Array | None = None,
     mesh: Mesh | None = None,
     batch_axes: Sequence[str] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -272,7 +315,7 @@ def mask_classification_loss(
       mask_logits: per output (intermediate ones first, final last), (B, Q, h, w) mask logits (any float dtype).
       class_logits: per output, (B, Q, num_classes + 1) class logits; the last index is "no object".
       targets: `masks` bool (B, M, H, W) at image resolution, `labels` int (B, M), `valid` bool (B, M).
-      key: PRNG key; every output draws its own fresh points from it.
+      key: PRNG key; every output draws its own fresh points from it, every image its own (see `image_index`).
       num_classes: C, the number of real classes.
       num_points, oversample_ratio, importance_sample_ratio: point sampling, as in the original (12544, 3, 0.75).
       no_object_coefficient: CE weight of the "no object" class.
@@ -281,6 +324,10 @@ def mask_classification_loss(
       matcher: 'scipy' (host) | 'optax' (on device) | a function with the signature of `matching.scipy_matcher`.
       num_masks: the mask-loss normaliser; default max(number of valid targets in the batch, 1). Under a
         data-parallel jit the batch is the global one, which reproduces the original's normalisation.
+      class_weight_sum: the CE normaliser; default the sum of this batch's CE weights. Pass the global batch's
+        `batch_normalisers` (with `num_masks`) when scoring a microbatch of it.
+      image_index: (B,) int, each image's position in the global batch, from which its random points derive
+        (default arange(B)).
       mesh, batch_axes: match per device shard under `jax.shard_map` (see `matching.py`); None for no shard_map.
 
     Returns:
@@ -298,6 +345,7 @@ def mask_classification_loss(
             num_points=num_points,
             oversample_ratio=oversample_ratio,
             importance_sample_ratio=importance_sample_ratio,
+            image_index=image_index,
         )
         for k in keys
     ]
@@ -313,6 +361,7 @@ def mask_classification_loss(
         class_coefficient=class_coefficient,
         matcher=matcher,
         num_masks=num_masks,
+        class_weight_sum=class_weight_sum,
         mesh=mesh,
         batch_axes=batch_axes,
     )
