@@ -13,17 +13,33 @@ with index C meaning "no object".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eomt_jax.models.vit import DinoV2, gelu, layer_norm
+from eomt_jax.models.vit import DinoV2, cpu_inference_path, gelu, layer_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Rematerialisation of each transformer block (`config.remat`): what a block keeps for the backward pass; the rest
+# is recomputed from the block's input. "block" keeps nothing; "block_save_dots" keeps the outputs of the
+# matmuls without batch dimensions (qkv, attention projection, MLP), recomputing attention scores, softmax,
+# norms and GELU.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: str) -> None:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"config.remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
 
 
 class Buffer(nnx.Variable):
@@ -167,10 +183,13 @@ class DepthwiseConv3x3(nnx.Module):
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (3, 3, 1, dim), param_dtype, -bound, bound))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h, w = x.shape[1:3]
-        kernel = self.kernel[...].astype(x.dtype)
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        out = jnp.zeros_like(x)
+        return self.on_padded(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+    def on_padded(self, padded: jax.Array) -> jax.Array:
+        """The convolution of an input zero-padded by one pixel on each side: (B, H+2, W+2, C) -> (B, H, W, C)."""
+        h, w = padded.shape[1] - 2, padded.shape[2] - 2
+        kernel = self.kernel[...].astype(padded.dtype)
+        out = jnp.zeros(padded.shape[:1] + (h, w) + padded.shape[3:], padded.dtype)
         for i in range(3):
             for j in range(3):
                 out = out + padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
@@ -187,7 +206,36 @@ class ScaleBlock(nnx.Module):
         self.norm = layer_norm(dim, eps, dtype, param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(self.conv2(gelu(self.conv1(x))))
+        x = gelu(self.conv1(x))
+        graphdef, state = nnx.split((self.conv2, self.norm))
+        return _conv_norm(graphdef)(x, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_norm(graphdef) -> Callable:
+    """(x, state of (conv2, norm)) -> norm(conv2(x)); CPU inference runs it a band of rows at a time."""
+
+    def whole(x, state):
+        conv, norm = nnx.merge(graphdef, state)
+        return norm(conv(x))
+
+    def in_bands(x, state):
+        # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
+        # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic.
+        conv, norm = nnx.merge(graphdef, state)
+        h = x.shape[1]
+        rows = max(r for r in range(1, 17) if h % r == 0)
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+        def band(i, out):
+            window = jax.lax.dynamic_slice_in_dim(padded, i * rows, rows + 2, axis=1)
+            y = norm(conv.on_padded(window)).astype(out.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, i * rows, axis=1)
+
+        # Bands overwrite x (dead once padded): no zero-filled output buffer to write first.
+        return jax.lax.fori_loop(0, h // rows, band, x.astype(norm.dtype or x.dtype))
+
+    return cpu_inference_path(in_bands, whole)
 
 
 class MaskHead(nnx.Module):
@@ -273,12 +321,14 @@ class EoMT(nnx.Module):
         key: jax.Array,
         num_tokens: int,
         grid: tuple[int, int],
+        image_index: jax.Array | None = None,
     ) -> jax.Array:
         """Boolean (B, N, N) mask, True = may attend; only query rows x patch columns are ever masked.
 
         Mask logits are bilinearly downsampled (no antialiasing, half-pixel centres) to the patch grid and
         thresholded at > 0. Each (image, query) keeps its mask with probability `keep_prob`, otherwise the query
-        attends to every patch; `u < p` makes p = 1 always mask and p = 0 never mask.
+        attends to every patch; `u < p` makes p = 1 always mask and p = 0 never mask. Image b draws from
+        `fold_in(key, image_index[b])` (default index: b).
         """
         c = self.config
         b, nq = mask_logits.shape[:2]
@@ -287,7 +337,9 @@ class EoMT(nnx.Module):
             mask_logits.astype(jnp.float32), (b, nq, gh, gw), method="bilinear", antialias=False
         )
         allowed = (small > 0).reshape(b, nq, gh * gw)
-        keep = jax.random.uniform(key, (b, nq)) < keep_prob
+        image_index = jnp.arange(b) if image_index is None else image_index
+        u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (nq,)))(image_index)
+        keep = u < keep_prob
         allowed = allowed | ~keep[:, :, None]
         rest = num_tokens - nq
         return jnp.pad(
@@ -305,6 +357,8 @@ class EoMT(nnx.Module):
         *,
         key: jax.Array | None = None,
         masked_attn: bool | None = None,
+        image_index: jax.Array | None = None,
+        remat: str = "none",
     ) -> tuple[list[jax.Array], list[jax.Array]]:
         """Run the network.
 
@@ -315,9 +369,13 @@ class EoMT(nnx.Module):
           key: PRNG key for the per-(image, query) random disabling of masks; a fixed key is used when omitted
             (only matters when a probability is strictly between 0 and 1).
           masked_attn: overrides `config.masked_attn_enabled` (static).
+          image_index: (B,) int, each image's position in the global batch: its random draws derive from it, so
+            an image is masked alike in the whole batch and in a microbatch of it (default arange(B)).
+          remat: a `REMAT_POLICIES` name (static); the parameters and their paths are the same for every policy.
         """
         c = self.config
         masked = c.masked_attn_enabled if masked_attn is None else masked_attn
+        check_remat(remat)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
         dtype = jnp.dtype(c.dtype)
@@ -348,12 +406,23 @@ class EoMT(nnx.Module):
                 mask_out.append(mask_logits)
                 class_out.append(class_logits)
                 j = i - first
-                mask = self.attention_mask(mask_logits, probs[j], keys[j], x.shape[1], grid)
-            x = block(x, mask)
+                mask = self.attention_mask(mask_logits, probs[j], keys[j], x.shape[1], grid, image_index)
+            x = _run_block(block, x, mask, remat)
         mask_logits, class_logits = self.predict(x, grid)
         mask_out.append(mask_logits)
         class_out.append(class_logits)
         return mask_out, class_out
+
+
+def _run_block(block: nnx.Module, x: jax.Array, mask: jax.Array | None, remat: str) -> jax.Array:
+    policy = REMAT_POLICIES[remat]
+    if policy is None:
+        return block(x, mask)
+    # A pure function of the block's state: the checkpoint wraps the computation, not the module, so the
+    # parameter tree (and every checkpoint key) is the same with and without remat.
+    graphdef, state = nnx.split(block)
+    run = jax.checkpoint(lambda state, x, mask: nnx.merge(graphdef, state)(x, mask), policy=policy)
+    return run(state, x, mask)
 
 
 def init_model(config: EoMTConfig, seed: int = 0) -> EoMT:

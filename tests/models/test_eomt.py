@@ -94,3 +94,39 @@ def test_bfloat16_compute_stays_close_to_float32():
     for x, y in ((a[0], b[0]), (ca[0], cb[0])):
         x, y = np.asarray(x), np.asarray(y, np.float32)
         assert np.abs(x - y).max() / np.abs(x).max() < 0.05
+
+
+def test_cpu_inference_loops_equal_the_whole_computation_and_gradients_use_the_whole_one():
+    """On CPUs, inference runs attention in query-row chunks and the upscaling's conv + LayerNorm in bands of rows
+    (loops); differentiated, the network is the plain whole-array program, so a train step has no loop in it."""
+    from eomt_jax.models import vit
+
+    # More query rows than one chunk holds, so the loop really runs several chunks, masks included.
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 700, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rng.uniform(size=(2, 700, 700)) > 0.3) | jnp.eye(700, dtype=bool)
+    fast = jax.jit(vit._plain_attention)
+    assert "while" in fast.lower(q, k, v, mask).compile().as_text()
+    np.testing.assert_allclose(fast(q, k, v, mask), vit._whole_attention(q, k, v, mask), atol=1e-6, rtol=0)
+
+    def objective(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)))
+
+    grads = jax.jit(jax.grad(objective(vit._plain_attention), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(objective(vit._whole_attention), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(grads, ref):
+        # The same operations; XLA may fuse them differently inside the custom-gradient call (float32 rounding).
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+    # The whole network: same outputs as the plain computation, and no loop in its gradient's program.
+    net = init_model(CFG)
+    graphdef, state = nnx.split(net)
+    images = jnp.asarray(rng.uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
+
+    def loss(state):
+        masks, classes = nnx.merge(graphdef, state)(images, masked_attn=False)
+        return sum(jnp.mean(jnp.sin(x)) for x in masks + classes)
+
+    hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+    assert " while(" not in hlo and "while." not in hlo
+    assert "while" in jax.jit(loss).lower(state).compile().as_text()  # inference keeps its loops
