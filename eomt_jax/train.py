@@ -23,7 +23,7 @@ from eomt_jax import optim
 from eomt_jax.config_lib import model_config
 from eomt_jax.checkpoints import Checkpointer, DataPosition, abstract_like
 from eomt_jax.models.eomt import EoMT, EoMTConfig
-from eomt_jax.train_step import StepConfig, make_train_step, split_model
+from eomt_jax.train_step import StepConfig, check_grad_accum, make_train_step, split_model
 from eomt_jax.tree import flatten_paths, set_from_flat
 
 log = logging.getLogger("eomt_jax")
@@ -135,6 +135,44 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def model_and_optimizer(config: ml_collections.ConfigDict, cfg: EoMTConfig, mesh):
+    """The network's graph, the optimizer and its learning rates, and the training state's initialiser, abstract
+    shapes and shardings; nothing is materialised.
+
+    Returns (graphdef, tx, lrs, init_state, abstract_state, state_sharding), where `init_state(seed)` builds the
+    state dict of `eomt_jax.train_step`. Used by `run` and by `python -m eomt_jax.benchmark --mode=train`.
+    """
+    abstract_model = nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, _ = split_model(abstract_model)
+    tx = optim.build_optimizer(
+        config.optim, abstract_params, total_steps=config.total_steps, depth=cfg.depth,
+        num_masked_blocks=cfg.num_blocks,
+    )
+    lrs = optim.learning_rates(
+        config.optim, abstract_params, total_steps=config.total_steps, depth=cfg.depth,
+        num_masked_blocks=cfg.num_blocks,
+    )
+
+    def init_state(seed):
+        model = EoMT(cfg, rngs=nnx.Rngs(seed))
+        _, params, buffers = split_model(model)
+        return {
+            "params": params,
+            "buffers": buffers,
+            "opt": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
+
+    # Parameters and optimizer state are created directly with their shardings (FSDP rules from the config);
+    # nothing is built whole on one host and then copied.
+    abstract_state = jax.eval_shape(lambda: init_state(config.seed))
+    state_sharding = mesh_lib.state_shardings(
+        abstract_state, mesh, rules=tuple(tuple(r) for r in config.sharding.rules), min_size=config.sharding.min_size
+    )
+    return graphdef, tx, lrs, init_state, abstract_state, state_sharding
+
+
 # ----------------------------------------------------------------------------------------------------- the run
 
 
@@ -193,34 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
             config, cfg, root, mesh, workdir, batch_sharding)
 
     # -- Model & optimizer ---------------------------------------------------------------------------------------
-    abstract_model = nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, _ = split_model(abstract_model)
-    tx = optim.build_optimizer(
-        config.optim, abstract_params, total_steps=config.total_steps, depth=cfg.depth,
-        num_masked_blocks=cfg.num_blocks,
-    )
-    lrs = optim.learning_rates(
-        config.optim, abstract_params, total_steps=config.total_steps, depth=cfg.depth,
-        num_masked_blocks=cfg.num_blocks,
-    )
-
-    def init_state(seed):
-        model = EoMT(cfg, rngs=nnx.Rngs(seed))
-        _, params, buffers = split_model(model)
-        return {
-            "params": params,
-            "buffers": buffers,
-            "opt": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)),
-        }
-
-    # Parameters and optimizer state are created directly with their shardings (FSDP rules from the config);
-    # nothing is built whole on one host and then copied.
-    abstract_state = jax.eval_shape(lambda: init_state(config.seed))
-    state_sharding = mesh_lib.state_shardings(
-        abstract_state, mesh, rules=tuple(tuple(r) for r in config.sharding.rules), min_size=config.sharding.min_size
-    )
+    graphdef, tx, lrs, init_state, abstract_state, state_sharding = model_and_optimizer(config, cfg, mesh)
 
     # -- Restore or initialise -----------------------------------------------------------------------------------
     if mode == "compile":
@@ -247,7 +258,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
         anneal_ends=tuple(config.anneal.ends),
         anneal_power=config.anneal.power,
         loss_kwargs=dict(config.loss.to_dict()),
+        grad_accum_steps=config.grad_accum_steps,
+        remat=config.remat,
     )
+    check_grad_accum(config.data.batch_size, config.grad_accum_steps, mesh.size)
     train_step = make_train_step(graphdef, tx, step_cfg, lr_fn=lrs.groups_at, mesh=mesh)
     batch_spec = {k: batch_sharding for k in data_lib.TRAIN_KEYS}
     p_step = jax.jit(
