@@ -23,7 +23,7 @@ from eomt_jax import optim
 from eomt_jax.config_lib import model_config
 from eomt_jax.checkpoints import Checkpointer, DataPosition, abstract_like
 from eomt_jax.models.eomt import EoMT, EoMTConfig
-from eomt_jax.train_step import StepConfig, check_grad_accum, make_train_step, split_model
+from eomt_jax.train_step import StepConfig, check_grad_accum, make_train_step, saved_activation_bytes, split_model
 from eomt_jax.tree import flatten_paths, set_from_flat
 
 log = logging.getLogger("eomt_jax")
@@ -264,6 +264,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     check_grad_accum(config.data.batch_size, config.grad_accum_steps, mesh.size)
     train_step = make_train_step(graphdef, tx, step_cfg, lr_fn=lrs.groups_at, mesh=mesh)
     batch_spec = {k: batch_sharding for k in data_lib.TRAIN_KEYS}
+    # What the backward pass keeps of one device's share of a microbatch, counted from the program itself.
+    activations = saved_activation_bytes(
+        graphdef, step_cfg, abstract_state, config.data.batch_size // (config.grad_accum_steps * mesh.size),
+        abstract_batch(config, batch_sharding),
+    )
     p_step = jax.jit(
         train_step,
         in_shardings=(state_sharding, batch_spec),
@@ -276,7 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
         )
         report: dict[str, Any] = {}
-        compile_and_report(p_step, abstract, abstract_batch(config, batch_sharding), report)
+        compile_and_report(p_step, abstract, abstract_batch(config, batch_sharding), report, activations)
         if jax.process_index() == 0:
             (workdir / "compile_report.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
@@ -300,7 +305,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
         while step < stop_at:
             batch = next(train_iter)
             if step == start:
-                p_step = compile_and_report(p_step, state, batch)
+                p_step = compile_and_report(p_step, state, batch, activations=activations)
             state, metrics = p_step(state, batch)
             step += 1
             bar.update(1)
@@ -408,11 +413,13 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = None):
+def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = None,
+                       activations: int | None = None):
     """Compile the step ahead of time, log its per-device memory and FLOPs, and return the executable.
 
     `state` and `batch` may be arrays or ShapeDtypeStructs with shardings. When `report` is a dict, the figures
-    are stored in it too (bytes and FLOPs, per device, as XLA's compiler estimates them).
+    are stored in it too (bytes and FLOPs, per device, as XLA's compiler estimates them). `activations`: the bytes
+    the backward pass keeps per device (`train_step.saved_activation_bytes`), reported with them.
     """
     t = time.perf_counter()
     compiled = p_step.lower(state, batch).compile()
@@ -436,6 +443,12 @@ def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = Non
             f"per-device memory: arguments {_size(mem.argument_size_in_bytes)}, temporaries "
             f"{_size(mem.temp_size_in_bytes)}, outputs {_size(mem.output_size_in_bytes)} "
             f"(donated {_size(mem.alias_size_in_bytes)}), total {_size(figures['total_bytes'])}"
+        )
+    if activations is not None:
+        figures["saved_activations_bytes"] = activations
+        lines.append(
+            f"saved for the backward pass: {_size(activations)} per device (from the program, before compilation; "
+            "with the arguments, a lower bound on any backend's peak)"
         )
     try:
         cost = compiled.cost_analysis()

@@ -75,6 +75,53 @@ def split_model(model: nnx.Module):
     return graphdef, params, buffers
 
 
+def _loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig, state: dict[str, Any], mesh) -> Callable:
+    """The step's loss as a function of (params, batch, image_index, normalisers) -> (total, terms), with the
+    masked-attention probabilities and the random keys of `state["step"]`."""
+    step = state["step"]
+    probs = annealing.attn_mask_probs(step, cfg.anneal_starts, cfg.anneal_ends, cfg.anneal_power)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    model_key, loss_key = jax.random.split(key)
+
+    def loss_fn(params, batch, image_index, normalisers):
+        model = nnx.merge(graphdef, params, state["buffers"])
+        images = batch["image"].astype(jnp.float32) / 255.0
+        mask_logits, class_logits = model(
+            images, probs, key=model_key, masked_attn=True, image_index=image_index, remat=cfg.remat
+        )
+        targets = {k: batch[k] for k in ("masks", "labels", "valid")}
+        return losses.mask_classification_loss(
+            mask_logits, class_logits, targets, loss_key, num_classes=cfg.num_classes, mesh=mesh,
+            image_index=image_index, **normalisers, **cfg.loss_kwargs,
+        )
+
+    return loss_fn
+
+
+def saved_activation_bytes(graphdef: nnx.GraphDef, cfg: StepConfig, state: dict[str, Any], images: int,
+                           batch: dict[str, Any]) -> int:
+    """Bytes of the values the backward pass keeps for `images` images (one device's share of a microbatch).
+
+    Counted from the program JAX builds (`jax.ad_checkpoint.saved_residuals`), before any compiler: the same on
+    every backend, and what `config.remat` changes. Values that are step inputs (parameters, the batch) are not
+    counted. `state` and `batch` may be ShapeDtypeStructs; only the batch's per-image shapes are used.
+    """
+    local = {k: jax.ShapeDtypeStruct((images,) + tuple(batch[k].shape[1:]), batch[k].dtype)
+             for k in ("image", "masks", "labels", "valid")}
+
+    def loss(state, batch):
+        return _loss_fn(graphdef, cfg, state, None)(state["params"], batch, jnp.arange(images), {})[0]
+
+    def residuals(state, batch):
+        _, backward = jax.vjp(loss, state, batch)
+        return jax.tree.leaves(backward)  # the values the backward function closes over
+
+    jaxpr = jax.make_jaxpr(residuals)(state, local).jaxpr
+    inputs = {id(v) for v in jaxpr.invars}
+    kept = {id(v): v.aval for v in jaxpr.outvars if hasattr(v, "aval") and id(v) not in inputs}  # each value once
+    return sum(int(aval.size) * aval.dtype.itemsize for aval in kept.values())
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -93,23 +140,8 @@ def make_train_step(
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
         step = state["step"]
         probs = annealing.attn_mask_probs(step, cfg.anneal_starts, cfg.anneal_ends, cfg.anneal_power)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        model_key, loss_key = jax.random.split(key)
         batch = {k: batch[k] for k in ("image", "masks", "labels", "valid")}
-
-        def loss_fn(params, batch, image_index, normalisers):
-            model = nnx.merge(graphdef, params, state["buffers"])
-            images = batch["image"].astype(jnp.float32) / 255.0
-            mask_logits, class_logits = model(
-                images, probs, key=model_key, masked_attn=True, image_index=image_index, remat=cfg.remat
-            )
-            targets = {k: batch[k] for k in ("masks", "labels", "valid")}
-            total, terms = losses.mask_classification_loss(
-                mask_logits, class_logits, targets, loss_key, num_classes=cfg.num_classes, mesh=mesh,
-                image_index=image_index, **normalisers, **cfg.loss_kwargs,
-            )
-            return total, terms
-
+        loss_fn = _loss_fn(graphdef, cfg, state, mesh)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         b = batch["image"].shape[0]
         if n == 1:

@@ -140,3 +140,18 @@ def test_remat_policies_give_the_same_loss_and_gradients():
         for k in grads:
             # The same operations, recomputed: float32 round-off at most (atol for entries near zero).
             np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-6, atol=1e-9, err_msg=f"{remat} {k}")
+
+
+def test_saved_activations_are_counted_from_the_program_and_remat_reduces_them():
+    """`saved_activation_bytes` (printed by --mode=compile and before every run) counts what the backward pass
+    keeps; per-block remat keeps only each block's input, so it must count less, and more images count more."""
+    from eomt_jax.train_step import saved_activation_bytes
+
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch(0, b=4).items()}
+    counts = {}
+    for remat in ("none", "block"):
+        graphdef, _, _, state, step_cfg = _setup(remat=remat)
+        abstract = jax.eval_shape(lambda: state)
+        counts[remat] = [saved_activation_bytes(graphdef, step_cfg, abstract, n, batch) for n in (1, 2)]
+    assert 0 < counts["block"][0] < counts["none"][0]
+    assert counts["none"][1] > counts["none"][0] and counts["block"][1] > counts["block"][0]

@@ -206,20 +206,26 @@ class ScaleBlock(nnx.Module):
         self.norm = layer_norm(dim, eps, dtype, param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = gelu(self.conv1(x))
         graphdef, state = nnx.split((self.conv2, self.norm))
-        return _conv_norm(graphdef)(x, state)
+        return _gelu_conv_norm(graphdef)(self.conv1(x), state)
 
 
 @functools.lru_cache(maxsize=None)
-def _conv_norm(graphdef) -> Callable:
-    """(x, state of (conv2, norm)) -> norm(conv2(x)); CPU inference runs it a band of rows at a time."""
+def _gelu_conv_norm(graphdef) -> Callable:
+    """(x, state of (conv2, norm)) -> norm(conv2(gelu(x))); CPU inference runs it a band of rows at a time.
 
+    Differentiated, only x is kept for the backward pass, which recomputes the rest (elementwise work): kept, the
+    GELU's and LayerNorm's intermediates and the nine shifted copies of the depthwise convolution would be most of
+    a train step's activation memory, at the 4x-upscaled resolution, for each of the K + 1 outputs.
+    """
+
+    @jax.checkpoint
     def whole(x, state):
         conv, norm = nnx.merge(graphdef, state)
-        return norm(conv(x))
+        return norm(conv(gelu(x)))
 
     def in_bands(x, state):
+        x = gelu(x)
         # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
         # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic.
         conv, norm = nnx.merge(graphdef, state)

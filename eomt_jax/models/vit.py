@@ -10,6 +10,7 @@ attention with the blocks, so `EoMT` drives `blocks` itself and this module only
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -94,6 +95,20 @@ def _whole_attention(q, k, v, mask):
     return _attend(q, k, v, None if mask is None else mask[:, None])
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _exp_as(x: jax.Array, dtype) -> jax.Array:
+    """exp(x) rounded to `dtype`, differentiated through the rounded value: the backward pass keeps only that."""
+    return jnp.exp(x).astype(dtype)
+
+
+@_exp_as.defjvp
+def _exp_as_jvp(dtype, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _exp_as(x, dtype)
+    # Checkpointed, so that the widening of y happens in the backward pass and y itself is what is kept.
+    return y, jax.checkpoint(lambda y, dx: (y.astype(dx.dtype) * dx).astype(dtype))(y, dx)
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """q: (..., Nq, D), k, v: (..., Nk, D), mask: bool broadcastable to (..., Nq, Nk) or None."""
     # The scale is applied to q (N x D values, not N x N scores) and the softmax is normalised after the product
@@ -102,11 +117,15 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
     scores = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         # No row is ever fully masked (queries always see queries, cls and registers), so a finite fill is safe.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        # An additive bias rather than a select: differentiated, a select keeps an N x N value for its backward
+        # pass, an addition of a constant keeps nothing.
+        scores = scores + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
     # The row maximum only keeps exp in range; the result does not depend on it, so neither does the gradient.
-    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-    out = jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / weights.sum(-1, keepdims=True)).astype(v.dtype)
+    # The weights are rounded to the activation dtype once and that copy serves both the product and the sum: it is
+    # the only N x N value a backward pass keeps (bf16 training keeps 2 bytes per score, not 2 + 4).
+    weights = _exp_as(scores - jax.lax.stop_gradient(scores).max(-1, keepdims=True), v.dtype)
+    out = jnp.einsum("...qk,...kd->...qd", weights, v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)).astype(v.dtype)
 
 
 # Most query rows (summed over the batch) per chunk on CPUs. On a 2-core AVX-512 machine, 1605 tokens attend fastest
