@@ -174,12 +174,15 @@ def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Confi
     return c
 
 
-def model_config(config) -> EoMTConfig:
-    """The network architecture from a config's `model` section."""
+def model_config(config, platform: str | None = None) -> EoMTConfig:
+    """The network architecture from a config's `model` section.
+
+    `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend) resolves `dtype="auto"`.
+    """
     d = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     d["image_size"] = tuple(d["image_size"])
     if d.get("dtype") == "auto":
         import jax
 
-        d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        d["dtype"] = "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
     return EoMTConfig.from_dict(d)

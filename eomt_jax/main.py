@@ -24,6 +24,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (ex
 _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "local_device_ids", None, "Comma-separated accelerator ids this process drives (default: JAX's choice; under "
     "SLURM/Open MPI that is one device per process, numbered by the local rank).")
+_TARGET_TOPOLOGY = flags.DEFINE_string(
+    "target_topology", None, "With --mode=compile: compile for this accelerator topology instead of the local "
+    "devices, e.g. tpu:v5e:4x4, tpu:v4:2x2x2, tpu:v5p:2x2x1 (needs libtpu: pip install 'eomt-jax[tpu]'; no TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,7 +40,7 @@ def main(argv):
 
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _LOCAL_DEVICE_IDS.value)
-    train.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    train.run(_CONFIG.value, _WORKDIR.value, _MODE.value, target_topology=_TARGET_TOPOLOGY.value)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,34 @@ def make_mesh(spec: Sequence[Sequence], devices: Sequence[jax.Device] | None = N
     return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
+def topology_devices(name: str) -> list:
+    """Compile-only devices of an accelerator topology, e.g. "tpu:v5e:4x4", "tpu:v4:2x2x2", "tpu:v5p:2x2x4".
+
+    They need no hardware, only the platform's compiler: TPU topologies work on any machine with libtpu installed
+    (`pip install "eomt-jax[tpu]"`). Programs compiled for them report the target's own memory use.
+    """
+    platform, _, topology = name.partition(":")
+    if platform != "tpu" or not topology:
+        raise ValueError(
+            f"--target_topology must name a TPU topology as tpu:<chip>:<shape> (tpu:v5e:4x4, tpu:v4:2x2x2, "
+            f"tpu:v5p:2x2x1), got {name!r}"
+        )
+    from jax.experimental import topologies
+
+    # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore"), as on the real machines.
+    chip_config = "megacore" if topology.split(":")[0] in ("v4", "v5p") else "default"
+    try:
+        return list(topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, chip_config_name=chip_config).devices)
+    except RuntimeError as e:
+        if "not installed" in str(e):
+            raise RuntimeError(
+                f"--target_topology={name} needs the TPU compiler (libtpu), which is not installed: "
+                'pip install "eomt-jax[tpu]" (no TPU is needed)'
+            ) from e
+        raise ValueError(f"unknown TPU topology {topology!r} in --target_topology={name}: {e}") from e
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every mesh axis."""
     return NamedSharding(mesh, P(tuple(mesh.axis_names)))

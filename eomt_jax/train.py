@@ -176,27 +176,40 @@ def model_and_optimizer(config: ml_collections.ConfigDict, cfg: EoMTConfig, mesh
 # ----------------------------------------------------------------------------------------------------- the run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train") -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train",
+        target_topology: str | None = None) -> dict[str, Any]:
+    """Train, evaluate or (mode="compile") only compile and report the train step; see `main.py`.
+
+    `target_topology` (compile mode only): compile for that accelerator topology instead of the local devices
+    (`mesh.topology_devices`), so that the report is the target compiler's own.
+    """
+    if target_topology and mode != "compile":
+        raise ValueError(f"--target_topology only applies to --mode=compile, not --mode={mode}")
+    devices = mesh_lib.topology_devices(target_topology) if target_topology else None
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     # -- Mesh ----------------------------------------------------------------------------------------------------
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = mesh_lib.replicated(mesh)
-    log.info(
-        "process %d/%d, %d local / %d global devices, mesh %s",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-        mesh_lib.describe(mesh),
-    )
+    if target_topology:
+        log.info("compiling for %s: %d %s devices, mesh %s", target_topology, mesh.size,
+                 mesh.devices.flat[0].device_kind, mesh_lib.describe(mesh))
+    else:
+        log.info(
+            "process %d/%d, %d local / %d global devices, mesh %s",
+            jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+            mesh_lib.describe(mesh),
+        )
 
     # -- Data ----------------------------------------------------------------------------------------------------
     from eomt_jax import data as data_lib
 
     root = None if mode == "compile" else data_root(config, workdir)
-    cfg = model_config(config)
+    cfg = model_config(config, platform=mesh.devices.flat[0].platform)
 
     if mode == "eval":
         from eomt_jax import eval_loop
@@ -421,12 +434,24 @@ def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = Non
     are stored in it too (bytes and FLOPs, per device, as XLA's compiler estimates them). `activations`: the bytes
     the backward pass keeps per device (`train_step.saved_activation_bytes`), reported with them.
     """
+    devices = {d for leaf in jax.tree.leaves(state) for d in leaf.sharding.device_set}
+    figures: dict[str, Any] = {"devices": len(devices), "device_kind": next(iter(devices)).device_kind}
+    if activations is not None:
+        figures["saved_activations_bytes"] = activations
     t = time.perf_counter()
-    compiled = p_step.lower(state, batch).compile()
+    try:
+        compiled = p_step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if report is None or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The compiler found the step larger than the device's memory: that is the report's answer.
+        figures.update(fits=False, error=str(e).strip().splitlines()[0])
+        log.error("the train step does not fit on %s: %s", figures["device_kind"], figures["error"])
+        report.update(figures)
+        return None
     seconds = time.perf_counter() - t
-    figures: dict[str, Any] = {"compile_seconds": seconds, "devices": jax.device_count(),
-                               "device_kind": jax.devices()[0].device_kind}
-    lines = [f"train step compiled in {seconds:.1f} s for {jax.device_count()} {figures['device_kind']} device(s)"]
+    figures.update(compile_seconds=seconds, fits=True)
+    lines = [f"train step compiled in {seconds:.1f} s for {len(devices)} {figures['device_kind']} device(s)"]
     try:
         mem = compiled.memory_analysis()
     except Exception:  # not every backend reports memory
@@ -445,7 +470,6 @@ def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = Non
             f"(donated {_size(mem.alias_size_in_bytes)}), total {_size(figures['total_bytes'])}"
         )
     if activations is not None:
-        figures["saved_activations_bytes"] = activations
         lines.append(
             f"saved for the backward pass: {_size(activations)} per device (from the program, before compilation; "
             "with the arguments, a lower bound on any backend's peak)"

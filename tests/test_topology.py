@@ -5,11 +5,13 @@ process count is in test_multiprocess.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from eomt_jax import mesh as mesh_lib
@@ -61,5 +63,40 @@ def test_compile_mode_reports_memory_and_flops_without_data_or_state(tmp_path):
     assert report["devices"] == 8
     assert report["flops"] > 0 and report["temporaries_bytes"] > 0 and report["arguments_bytes"] > 0
     assert report["total_bytes"] >= report["temporaries_bytes"]
+    assert report["fits"] and report["saved_activations_bytes"] > 0
     assert json.loads((tmp_path / "compile_report.json").read_text()) == report
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()  # ...nor train
+
+
+def test_target_topology_is_for_compile_mode_and_names_what_it_needs(tmp_path):
+    config = _config([("data", -1)])
+    with pytest.raises(ValueError, match="only applies to --mode=compile"):
+        train.run(config, tmp_path / "a", "train", target_topology="tpu:v5e:2x2")
+    with pytest.raises(ValueError, match="tpu:<chip>:<shape>"):
+        mesh_lib.topology_devices("v5e-16")
+    if importlib.util.find_spec("libtpu") is None:
+        # The CI machine: no TPU compiler, and the error says how to get one.
+        with pytest.raises(RuntimeError, match=r"eomt-jax\[tpu\]"):
+            mesh_lib.topology_devices("tpu:v5e:2x2")
+    else:
+        devices = mesh_lib.topology_devices("tpu:v4:2x2x1")
+        assert len(devices) == 4 and devices[0].platform == "tpu"  # megacore: one device per v4 chip
+
+
+def test_compile_report_says_when_the_step_does_not_fit(tmp_path, caplog):
+    """An accelerator compiler that runs out of device memory answers the compile mode's question: no fit."""
+
+    class TooBig:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, 18.40G > 15.75G")
+
+    state = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=mesh_lib.replicated(mesh_lib.make_mesh([("data", -1)])))}
+    report = {}
+    assert train.compile_and_report(TooBig(), state, {}, report, activations=123) is None
+    assert report["fits"] is False and "18.40G" in report["error"] and report["saved_activations_bytes"] == 123
+    assert "does not fit" in caplog.text
+    with pytest.raises(jax.errors.JaxRuntimeError):  # a training run re-raises it
+        train.compile_and_report(TooBig(), state, {})
