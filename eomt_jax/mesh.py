@@ -56,7 +56,7 @@ def topology_devices(name: str) -> list:
                 f"--target_topology={name} needs the TPU compiler (libtpu), which is not installed: "
                 'pip install "eomt-jax[tpu]" (no TPU is needed)'
             ) from e
-        raise ValueError(f"unknown TPU topology {topology!r} in --target_topology={name}: {e}") from e
+        raise ValueError(f"cannot describe --target_topology={name} (tpu:<chip>:<shape>, e.g. tpu:v5e:4x4): {e}") from e
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -471,8 +471,8 @@ def compile_and_report(p_step, state, batch, report: dict[str, Any] | None = Non
         )
     if activations is not None:
         lines.append(
-            f"saved for the backward pass: {_size(activations)} per device (from the program, before compilation; "
-            "with the arguments, a lower bound on any backend's peak)"
+            f"saved for the backward pass: {_size(activations)} per device (as the program is written; compilers "
+            "may recompute or fuse some of it)"
         )
     try:
         cost = compiled.cost_analysis()
