@@ -26,7 +26,7 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "SLURM/Open MPI that is one device per process, numbered by the local rank).")
 _TARGET_TOPOLOGY = flags.DEFINE_string(
     "target_topology", None, "With --mode=compile: compile for this accelerator topology instead of the local "
-    "devices, e.g. tpu:v5e:4x4, tpu:v4:2x2x2, tpu:v5p:2x2x1 (needs libtpu: pip install 'eomt-jax[tpu]'; no TPU).")
+    "devices, e.g. tpu:v5e:4x4, tpu:v4:2x2x2, tpu:v5p:2x2x1 (needs libtpu: pip install -e '.[tpu]'; no TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -35,7 +35,7 @@ def topology_devices(name: str) -> list:
     """Compile-only devices of an accelerator topology, e.g. "tpu:v5e:4x4", "tpu:v4:2x2x2", "tpu:v5p:2x2x4".
 
     They need no hardware, only the platform's compiler: TPU topologies work on any machine with libtpu installed
-    (`pip install "eomt-jax[tpu]"`). Programs compiled for them report the target's own memory use.
+    (`pip install -e ".[tpu]"`). Programs compiled for them report the target's own memory use.
     """
     platform, _, topology = name.partition(":")
     if platform != "tpu" or not topology:
@@ -54,7 +54,7 @@ def topology_devices(name: str) -> list:
         if "not installed" in str(e):
             raise RuntimeError(
                 f"--target_topology={name} needs the TPU compiler (libtpu), which is not installed: "
-                'pip install "eomt-jax[tpu]" (no TPU is needed)'
+                'pip install -e ".[tpu]" in the eomt_jax checkout (no TPU is needed)'
             ) from e
         raise ValueError(f"cannot describe --target_topology={name} (tpu:<chip>:<shape>, e.g. tpu:v5e:4x4): {e}") from e
 
