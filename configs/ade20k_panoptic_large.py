@@ -7,8 +7,8 @@ Initialised, as published, from the COCO panoptic EoMT-L with a fresh class head
     python -m eomt_jax.main --config=configs/ade20k_panoptic_large.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/coco_panoptic_eomt_large_640 --config.load_class_head=False
 
-Variants: `configs/ade20k_panoptic_large.py:res=1280`; `:runlocal` is a 2-step smoke run of a tiny model on
-generated data. Evaluate a converted published checkpoint:
+Variants: `configs/ade20k_panoptic_large.py:res=1280` (per-block remat on by default); `:runlocal` is a
+2-step smoke run of a tiny model on generated data. Evaluate a converted published checkpoint:
 
     python -m eomt_jax.main --config=configs/ade20k_panoptic_large.py --mode=eval --workdir=W \
         --config.data.root=DATA --config.init_from=CHECKPOINT

@@ -7,14 +7,15 @@ Initialised from DINOv2 (vit_giant_patch14_reg4_dinov2.lvd142m), converted once:
     python -m eomt_jax.main --config=configs/coco_panoptic_giant.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/dinov2_giant_coco_panoptic_640
 
-Variants: `configs/coco_panoptic_giant.py:res=1280`; `:runlocal` is a 2-step smoke run of a tiny model on
-generated data. Evaluate a converted published checkpoint:
+Variants: `configs/coco_panoptic_giant.py:res=1280` (per-block remat on by default); `:runlocal` is a
+2-step smoke run of a tiny model on generated data. Evaluate a converted published checkpoint:
 
     python -m eomt_jax.main --config=configs/coco_panoptic_giant.py --mode=eval --workdir=W \
         --config.data.root=DATA --config.init_from=CHECKPOINT
 
 Expected (original model zoo): PQ 57.0 at 640, PQ 59.2 at 1280.
-Sized for: 4+ x 80 GB GPUs; 1280 needs FSDP/remat; global batch 16.
+Sized for: 4+ x 80 GB GPUs; global batch 16. At 1280 on 4 GPUs add
+`--config.mesh='(("data", 1), ("fsdp", 4))'` (FSDP; see the README memory table).
 """
 
 from eomt_jax import config_lib

@@ -7,8 +7,8 @@ Initialised from DINOv2 (vit_large_patch14_reg4_dinov2.lvd142m), converted once:
     python -m eomt_jax.main --config=configs/coco_panoptic_large.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/dinov2_large_coco_panoptic_640
 
-Variants: `configs/coco_panoptic_large.py:res=1280`; `:runlocal` is a 2-step smoke run of a tiny model on
-generated data. Evaluate a converted published checkpoint:
+Variants: `configs/coco_panoptic_large.py:res=1280` (per-block remat on by default); `:runlocal` is a
+2-step smoke run of a tiny model on generated data. Evaluate a converted published checkpoint:
 
     python -m eomt_jax.main --config=configs/coco_panoptic_large.py --mode=eval --workdir=W \
         --config.data.root=DATA --config.init_from=CHECKPOINT

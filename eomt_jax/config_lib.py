@@ -79,7 +79,9 @@ def experiment(
     # data.batch_size), and per-block rematerialisation: "none", "block" (recompute everything) or
     # "block_save_dots" (keep the matmul outputs, recompute attention, norms and GELU).
     c.grad_accum_steps = 1
-    c.remat = "none"
+    # At 1280 the step does not fit any accelerator in the README's memory table without per-block remat (the
+    # attention maps of ~6600 tokens: 40 GB per image for EoMT-L), so those variants default to it.
+    c.remat = "block" if image_size >= 1280 else "none"
     c.init_from = ""  # converted EoMT checkpoint or DINOv2 backbone (convert/torch_to_flax.py)
     c.load_class_head = True  # False to fine-tune on a dataset with other classes
 

@@ -207,3 +207,13 @@ def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monke
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     cfg = config_lib.model_config(config)
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+    assert config_lib.model_config(config, platform="tpu").dtype == "bfloat16"  # a --target_topology compile
+    assert config_lib.model_config(config, platform="cpu").dtype == "float32"
+
+
+@pytest.mark.parametrize("name", ["coco_panoptic_large", "coco_panoptic_giant", "coco_instance_large"])
+def test_1280_variants_default_to_block_remat(name):
+    """Without it no accelerator of the README's memory table holds a 1280 step; 640 keeps the faster default."""
+    path = str(REPO / "configs" / f"{name}.py")
+    assert load_config_file(path + ":res=1280").remat == "block"
+    assert load_config_file(path).remat == "none"
