@@ -11,7 +11,8 @@ and MFU from XLA's cost analysis against the device's peak; the last line is the
 
 --mode=inference (default) times the forward pass on one device, masked attention off, as in every published
 evaluation. The PyTorch comparison runs the `transformers` EoMT with the same shape and the same weights in the same
-process (`torch.compile` where it works), masked attention off on both sides.
+process (`torch.compile` where it works), masked attention off on both sides, under bf16 autocast when `--dtype
+bfloat16`.
 
 --mode=train times the jitted train step of `eomt_jax.train` (forward with masked attention, Hungarian matching,
 point-sampled losses, backward, clipped AdamW with layer-wise LR decay; state donated) on one synthetic batch of the
@@ -185,13 +186,18 @@ def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, com
     torch_model.attn_mask_probs.zero_()  # no masks, no intermediate heads: the published evaluation setting
     torch_model.to(device)
     pixel = torch_pixels(images, device)
+    # Like for like: a bfloat16 network on our side is PyTorch's bf16 autocast on its side (products in bf16,
+    # softmax and normalisations in float32, weights kept in float32 as ours are).
+    bf16 = jnp.dtype(c.dtype) == jnp.bfloat16
 
-    with torch.no_grad():
-        fn, compiled = torch_compiled(torch_model, lambda f: f(pixel_values=pixel), compile)
+    def run(f):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return f(pixel_values=pixel).masks_queries_logits
+
+    fn, compiled = torch_compiled(torch_model, run, compile)
 
     def step():
-        with torch.no_grad():
-            return fn(pixel_values=pixel).masks_queries_logits
+        return run(fn)
 
     out = summary(torch_timed(step, steps, warmup, device), pixel.shape[0])
     out["torch_compile"] = compiled
@@ -199,6 +205,7 @@ def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, com
         # Same weights and inputs: the outputs must agree, or the comparison is not like for like.
         ours = np.asarray(model(images, masked_attn=False)[0][-1], np.float32)
         out["max_abs_diff"] = float(np.abs(step().float().cpu().numpy() - ours).max())
+    out["dtype"] = "bfloat16 (autocast)" if bf16 else "float32"
     return out
 
 
@@ -490,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = torch_inference(model, images, args.steps, args.warmup, compile=not args.no_torch_compile)
         report["torch"] = t
         report["speedup"] = res["images_per_s"] / t["images_per_s"]
-        print(torch_line(t, f"torch.compile: {t['torch_compile']}"
+        print(torch_line(t, f"{t['dtype']}, torch.compile: {t['torch_compile']}"
                          + (f", max |jax - torch| {t['max_abs_diff']:.2e}" if "max_abs_diff" in t else "")))
         print(f"jax / torch throughput: {report['speedup']:.2f}x")
     print(json.dumps(report))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eomt_jax.models.vit import DinoV2, cpu_inference_path, gelu, layer_norm
+from eomt_jax.models.vit import DinoV2, cpu_inference_path, dot_general, gelu, layer_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -166,7 +166,8 @@ class ConvTranspose2x2(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, d = x.shape
         kernel = self.kernel[...].astype(x.dtype)  # (a, c, in, out)
-        y = x.reshape(-1, d) @ kernel.transpose(2, 0, 1, 3).reshape(d, -1)  # (b*h*w, a*c*out)
+        y = dot_general(x.reshape(-1, d), kernel.transpose(2, 0, 1, 3).reshape(d, -1), (((1,), (0,)), ((), ())))
+        # y: (b*h*w, a*c*out)
         y = y.reshape(b, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)  # pixel shuffle
         return y.reshape(b, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
 
@@ -225,10 +226,13 @@ def _gelu_conv_norm(graphdef) -> Callable:
         return norm(conv(gelu(x)))
 
     def in_bands(x, state):
-        x = gelu(x)
         # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
-        # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic.
+        # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic, except
+        # that a bfloat16 map is convolved in float32 (CPUs have no bf16 vector arithmetic: XLA:CPU would convert
+        # each of the nine products) and rounded once, by the LayerNorm's output.
         conv, norm = nnx.merge(graphdef, state)
+        out_dtype = norm.dtype or x.dtype
+        x = gelu(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
         h = x.shape[1]
         rows = max(r for r in range(1, 17) if h % r == 0)
         padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -239,7 +243,7 @@ def _gelu_conv_norm(graphdef) -> Callable:
             return jax.lax.dynamic_update_slice_in_dim(out, y, i * rows, axis=1)
 
         # Bands overwrite x (dead once padded): no zero-filled output buffer to write first.
-        return jax.lax.fori_loop(0, h // rows, band, x.astype(norm.dtype or x.dtype))
+        return jax.lax.fori_loop(0, h // rows, band, x.astype(out_dtype))
 
     return cpu_inference_path(in_bands, whole)
 
@@ -259,7 +263,8 @@ def _torch_default_linear(d_in, d_out, dtype, param_dtype, rngs) -> nnx.Linear:
     bound = 1.0 / math.sqrt(d_in)
     uniform = lambda key, shape, dt=param_dtype: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
     return nnx.Linear(
-        d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=uniform, bias_init=uniform, rngs=rngs
+        d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=uniform, bias_init=uniform,
+        dot_general=dot_general, rngs=rngs,
     )
 
 
@@ -317,7 +322,9 @@ class EoMT(nnx.Module):
         feat = patches.reshape(b, gh, gw, d)
         for block in self.upscale:
             feat = block(feat)
-        mask_logits = jnp.einsum("bqc,bhwc->bqhw", self.mask_head(q), feat)
+        h, w = feat.shape[1:3]
+        mask_logits = dot_general(self.mask_head(q), feat.reshape(b, h * w, d), (((2,), (2,)), ((0,), (0,))))
+        mask_logits = mask_logits.reshape(b, -1, h, w)
         return mask_logits, class_logits
 
     def attention_mask(

@@ -130,3 +130,40 @@ def test_cpu_inference_loops_equal_the_whole_computation_and_gradients_use_the_w
     hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
     assert " while(" not in hlo and "while." not in hlo
     assert "while" in jax.jit(loss).lower(state).compile().as_text()  # inference keeps its loops
+
+
+def test_cpu_bfloat16_inference_multiplies_with_float32_accumulation():
+    """On CPUs, bf16 inference hands every matrix product to XLA:CPU as bf16 x bf16 -> f32 (the form its bf16
+    matrix kernels take), rounding each product once; differentiated, the dots are the plain bf16 ones."""
+    import re
+
+    from eomt_jax.models import vit
+
+    net = init_model(CFG.replace(dtype="bfloat16"))
+    graphdef, state = nnx.split(net)
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, masked_attn=False))
+    hlo = forward.lower(state, images).compile().as_text()
+    dots = re.findall(r"= (\w+)\[[^\]]*\][^=]*? dot\(([^)]*)\)", hlo)
+    operands = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+    bf16_dots = [out for out, args in dots if all(operands.get(a.strip().lstrip("%")) == "bf16" for a in args.split(","))]
+    # Patch embedding, 3 x (qkv, proj, fc1, fc2), mask MLP (3), class head, 2 transposed convs, mask product; the
+    # two attention products per block already accumulate in float32.
+    assert len(bf16_dots) >= 1 + 3 * 4 + 3 + 1 + 2 + 1
+    assert set(bf16_dots) == {"f32"}
+
+    # The explicit widening is a CPU inference path only: the gradient is the plain bf16 product's.
+    a, b = (jnp.asarray(np.random.default_rng(1).normal(size=s), jnp.bfloat16) for s in ((4, 8), (8, 3)))
+    dims = (((1,), (0,)), ((), ()))
+
+    def grad_of(dot):
+        return jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(dot(a, b, dims).astype(jnp.float32)))))(a)
+
+    g = grad_of(vit.dot_general)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(grad_of(jax.lax.dot_general), np.float32))
+    # Forward: the float32-accumulated product rounded once.
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda a, b: vit.dot_general(a, b, dims))(a, b), np.float32),
+        np.asarray(jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)).astype(jnp.bfloat16), np.float32),
+    )
