@@ -186,8 +186,8 @@ def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, com
     torch_model.attn_mask_probs.zero_()  # no masks, no intermediate heads: the published evaluation setting
     torch_model.to(device)
     pixel = torch_pixels(images, device)
-    # Like for like: a bfloat16 network on our side is PyTorch's bf16 autocast on its side (products in bf16,
-    # softmax and normalisations in float32, weights kept in float32 as ours are).
+    # Like for like: a bfloat16 network on our side (bf16 weights and products) is PyTorch's bf16 autocast on its
+    # side (weights rounded to bf16 for each product; softmax and normalisations in float32 on both sides).
     bf16 = jnp.dtype(c.dtype) == jnp.bfloat16
 
     def run(f):

@@ -32,8 +32,12 @@ def test_inference_benchmark_bf16_fused(tmp_path, capsys):
     cfg = tmp_path / "tiny.py"
     cfg.write_text(TINY)
     report = benchmark.main(["--config", str(cfg), "--steps", "1", "--warmup", "0", "--dtype", "bfloat16",
-                             "--attention", "fused"])
+                             "--attention", "fused", "--compare-torch", "--no-torch-compile"])
     assert report["config"]["dtype"] == "bfloat16" and report["jax"]["mfu"] is None  # CPU: no peak figure
+    # Like for like: PyTorch multiplies in bf16 too, and still computes the same network (bf16 rounding apart:
+    # a float32 PyTorch would differ by ~1e-6, far below; an unrelated network by ~1).
+    assert report["torch"]["dtype"] == "bfloat16 (autocast)"
+    assert 1e-4 < report["torch"]["max_abs_diff"] < 0.2
 
 
 def test_train_benchmark_with_torch_comparison(capsys):
