@@ -1,7 +1,7 @@
 """`python -m eomt_jax.predict`: run a converted checkpoint on your own images.
 
     python -m eomt_jax.predict --checkpoint checkpoints/coco_panoptic_eomt_large_640 --task panoptic \\
-        --input photos/ street.jpg --output predictions/ [--dataset coco_panoptic] [--batch-size 4]
+        --input photos/ street.jpg --output predictions/ [--dataset coco_panoptic] [--batch-size 4] [--dtype bfloat16]
 
 For every image: `<stem>_overlay.png` (panoptic colours with class names, instance outlines with scores, or a
 semantic palette) and the standard prediction files:
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="output folder (created; must not exist unless --overwrite)")
     p.add_argument("--dataset", help="class names of this dataset when the checkpoint carries none")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="compute dtype (default: the checkpoint's, float32); bfloat16 runs faster on accelerators and "
+                        "on CPUs with bf16 matrix units (AMX), at bf16 accuracy")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     from tqdm import tqdm
 
-    model = pretrained.load(args.checkpoint)
+    model = pretrained.load(args.checkpoint, dtype=args.dtype)
     meta = pretrained.read_metadata(args.checkpoint)
     c = model.config.num_classes
     if args.dataset:

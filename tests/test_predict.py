@@ -50,6 +50,20 @@ def test_predict_writes_one_overlay_and_prediction_per_image(checkpoint, tmp_pat
             assert labels.max() < 19
 
 
+def test_predict_in_bfloat16_agrees_with_float32(checkpoint, tmp_path):
+    ckpt, images = checkpoint
+    labels = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert predict_main(["--checkpoint", str(ckpt), "--task", "semantic", "--input", str(images), "--output",
+                             str(out), "--dtype", dtype]) == 0
+        labels[dtype] = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((out / "semantic").iterdir())])
+    # Same network at bf16 precision: only pixels whose two best classes nearly tie may change.
+    agree = (labels["float32"] == labels["bfloat16"]).mean()
+    print(f"bf16 / float32 label agreement {agree:.4f}")
+    assert agree > 0.95
+
+
 def test_predict_errors(checkpoint, tmp_path, capsys):
     ckpt, images = checkpoint
     assert predict_main(["--checkpoint", str(ckpt), "--task", "panoptic", "--input", str(tmp_path / "none"),
