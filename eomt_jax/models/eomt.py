@@ -228,22 +228,22 @@ def _gelu_conv_norm(graphdef) -> Callable:
     def in_bands(x, state):
         # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
         # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic, except
-        # that a bfloat16 map is convolved in float32 (CPUs have no bf16 vector arithmetic: XLA:CPU would convert
-        # each of the nine products) and rounded once, by the LayerNorm's output.
+        # that a bfloat16 band is convolved in float32 (CPUs have no bf16 vector arithmetic: XLA:CPU would convert
+        # around each of the nine products) and rounded once, at the LayerNorm's output.
         conv, norm = nnx.merge(graphdef, state)
-        out_dtype = norm.dtype or x.dtype
-        x = gelu(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        x = gelu(x.astype(compute)).astype(x.dtype)
         h = x.shape[1]
         rows = max(r for r in range(1, 17) if h % r == 0)
         padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
         def band(i, out):
-            window = jax.lax.dynamic_slice_in_dim(padded, i * rows, rows + 2, axis=1)
+            window = jax.lax.dynamic_slice_in_dim(padded, i * rows, rows + 2, axis=1).astype(compute)
             y = norm(conv.on_padded(window)).astype(out.dtype)
             return jax.lax.dynamic_update_slice_in_dim(out, y, i * rows, axis=1)
 
         # Bands overwrite x (dead once padded): no zero-filled output buffer to write first.
-        return jax.lax.fori_loop(0, h // rows, band, x.astype(out_dtype))
+        return jax.lax.fori_loop(0, h // rows, band, x.astype(norm.dtype or x.dtype))
 
     return cpu_inference_path(in_bands, whole)
 
