@@ -228,8 +228,9 @@ def _gelu_conv_norm(graphdef) -> Callable:
     def in_bands(x, state):
         # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
         # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic, except
-        # that a bfloat16 band is convolved in float32 (CPUs have no bf16 vector arithmetic: XLA:CPU would convert
-        # around each of the nine products) and rounded once, at the LayerNorm's output.
+        # that a bfloat16 map's GELU and each band's convolution run in float32 (CPUs have no bf16 vector arithmetic:
+        # XLA:CPU would convert around each of the nine products); the map stays bf16 in memory (GELU's output
+        # rounded once, as the whole-map path stores it) and each band is rounded once, at the LayerNorm's output.
         conv, norm = nnx.merge(graphdef, state)
         compute = jnp.promote_types(x.dtype, jnp.float32)
         x = gelu(x.astype(compute)).astype(x.dtype)
