@@ -249,6 +249,21 @@ def _gelu_conv_norm(graphdef) -> Callable:
     return cpu_inference_path(in_bands, whole)
 
 
+def _mask_product_cpu(queries: jax.Array, feat: jax.Array) -> jax.Array:
+    # As one (B, Q, C) x (B, H*W, C) dot: XLA:CPU then reads the map in place instead of transposing it first.
+    b, h, w, c = feat.shape
+    return dot_general(queries, feat.reshape(b, h * w, c), (((2,), (2,)), ((0,), (0,)))).reshape(b, -1, h, w)
+
+
+def _mask_product_einsum(queries: jax.Array, feat: jax.Array) -> jax.Array:
+    # On TPUs this form needs less memory in a train step than the reshaped dot (EoMT-L 1280 on v5e: 2 GiB).
+    return jnp.einsum("bqc,bhwc->bqhw", queries, feat)
+
+
+# Mask logits (B, Q, H, W) of query embeddings (B, Q, C) and a feature map (B, H, W, C).
+_mask_product = cpu_inference_path(_mask_product_cpu, _mask_product_einsum)
+
+
 class MaskHead(nnx.Module):
     def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.fc1 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
@@ -323,10 +338,7 @@ class EoMT(nnx.Module):
         feat = patches.reshape(b, gh, gw, d)
         for block in self.upscale:
             feat = block(feat)
-        h, w = feat.shape[1:3]
-        mask_logits = dot_general(self.mask_head(q), feat.reshape(b, h * w, d), (((2,), (2,)), ((0,), (0,))))
-        mask_logits = mask_logits.reshape(b, -1, h, w)
-        return mask_logits, class_logits
+        return _mask_product(self.mask_head(q), feat), class_logits
 
     def attention_mask(
         self,
