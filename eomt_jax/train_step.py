@@ -105,7 +105,8 @@ def saved_activation_bytes(graphdef: nnx.GraphDef, cfg: StepConfig, state: dict[
     Counted from the program JAX builds (the residuals of `jax.vjp`), before any compiler: the same on every
     backend, and what `config.remat` changes. A compiler may still recompute or fuse some of them (the TPU
     compiler does), so this is the program's demand, not a device's peak. Values that are step inputs
-    (parameters, the batch) are not counted. `state` and `batch` may be ShapeDtypeStructs; only the batch's per-image shapes are used.
+    (parameters, the batch) are not counted. `state` and `batch` may be ShapeDtypeStructs; only the batch's
+    per-image shapes are used.
     """
     local = {k: jax.ShapeDtypeStruct((images,) + tuple(batch[k].shape[1:]), batch[k].dtype)
              for k in ("image", "masks", "labels", "valid")}

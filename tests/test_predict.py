@@ -57,7 +57,8 @@ def test_predict_in_bfloat16_agrees_with_float32(checkpoint, tmp_path):
         out = tmp_path / dtype
         assert predict_main(["--checkpoint", str(ckpt), "--task", "semantic", "--input", str(images), "--output",
                              str(out), "--dtype", dtype]) == 0
-        labels[dtype] = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((out / "semantic").iterdir())])
+        pngs = sorted((out / "semantic").iterdir())
+        labels[dtype] = np.concatenate([np.asarray(Image.open(p)).ravel() for p in pngs])
     # Same network at bf16 precision: only pixels whose two best classes nearly tie may change.
     agree = (labels["float32"] == labels["bfloat16"]).mean()
     print(f"bf16 / float32 label agreement {agree:.4f}")

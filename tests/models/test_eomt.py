@@ -146,7 +146,8 @@ def test_cpu_bfloat16_inference_multiplies_with_float32_accumulation():
     hlo = forward.lower(state, images).compile().as_text()
     dots = re.findall(r"= (\w+)\[[^\]]*\][^=]*? dot\(([^)]*)\)", hlo)
     operands = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
-    bf16_dots = [out for out, args in dots if all(operands.get(a.strip().lstrip("%")) == "bf16" for a in args.split(","))]
+    bf16_dots = [out for out, args in dots
+                 if all(operands.get(a.strip().lstrip("%")) == "bf16" for a in args.split(","))]
     # Patch embedding, 3 x (qkv, proj, fc1, fc2), mask MLP (3), class head, 2 transposed convs, mask product; the
     # two attention products per block already accumulate in float32.
     assert len(bf16_dots) >= 1 + 3 * 4 + 3 + 1 + 2 + 1
