@@ -21,21 +21,15 @@ from eomt_jax import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, res=640, runlocal=False)
-    if a.res not in (640, 1280):
-        raise ValueError(f"res must be one of (640, 1280), got {a.res}")
-    c = config_lib.experiment(
+    return config_lib.experiment(
+        arg,
         task="panoptic",
         dataset="ade20k_panoptic",
         size="g",
-        image_size=a.res,
+        resolutions=(640, 1280),
         num_classes=150,
         num_queries=200,
         epochs=31,
         anneal_starts=(6520, 11410, 16300, 21190, 26080),
         anneal_ends=(13040, 17930, 22820, 27710, 32600),
-        eval_every_epochs=1,
     )
-    if a.runlocal:
-        c = config_lib.runlocal(c, "ade20k_panoptic")
-    return c

@@ -7,8 +7,8 @@ Initialised from DINOv2 (vit_large_patch14_reg4_dinov2.lvd142m), converted once:
     python -m eomt_jax.main --config=configs/ade20k_semantic_large.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/dinov2_large_ade20k_semantic_512
 
-Variants: `configs/ade20k_semantic_large.py:runlocal`; `:runlocal` is a 2-step smoke run of a tiny model on
-generated data. Evaluate a converted published checkpoint:
+Variant: `configs/ade20k_semantic_large.py:runlocal` is a 2-step smoke run of a tiny model on generated
+data. Evaluate a converted published checkpoint:
 
     python -m eomt_jax.main --config=configs/ade20k_semantic_large.py --mode=eval --workdir=W \
         --config.data.root=DATA --config.init_from=CHECKPOINT
@@ -21,21 +21,15 @@ from eomt_jax import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, res=512, runlocal=False)
-    if a.res not in (512,):
-        raise ValueError(f"res must be one of (512,), got {a.res}")
-    c = config_lib.experiment(
+    return config_lib.experiment(
+        arg,
         task="semantic",
         dataset="ade20k_semantic",
         size="L",
-        image_size=a.res,
+        resolutions=(512,),
         num_classes=150,
         num_queries=100,
         epochs=31,
         anneal_starts=(6520, 13040, 19560, 26080),
         anneal_ends=(13040, 19560, 26080, 32600),
-        eval_every_epochs=1,
     )
-    if a.runlocal:
-        c = config_lib.runlocal(c, "ade20k_semantic")
-    return c

@@ -7,8 +7,8 @@ Initialised from DINOv2 (vit_large_patch14_reg4_dinov2.lvd142m), converted once:
     python -m eomt_jax.main --config=configs/cityscapes_semantic_large.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/dinov2_large_cityscapes_semantic_1024
 
-Variants: `configs/cityscapes_semantic_large.py:runlocal`; `:runlocal` is a 2-step smoke run of a tiny model on
-generated data. Evaluate a converted published checkpoint:
+Variant: `configs/cityscapes_semantic_large.py:runlocal` is a 2-step smoke run of a tiny model on generated
+data. Evaluate a converted published checkpoint:
 
     python -m eomt_jax.main --config=configs/cityscapes_semantic_large.py --mode=eval --workdir=W \
         --config.data.root=DATA --config.init_from=CHECKPOINT
@@ -21,21 +21,15 @@ from eomt_jax import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, res=1024, runlocal=False)
-    if a.res not in (1024,):
-        raise ValueError(f"res must be one of (1024,), got {a.res}")
-    c = config_lib.experiment(
+    return config_lib.experiment(
+        arg,
         task="semantic",
         dataset="cityscapes_semantic",
         size="L",
-        image_size=a.res,
+        resolutions=(1024,),
         num_classes=19,
         num_queries=100,
         epochs=107,
         anneal_starts=(3317, 6634, 9951, 13268),
         anneal_ends=(6634, 9951, 13268, 16585),
-        eval_every_epochs=1,
     )
-    if a.runlocal:
-        c = config_lib.runlocal(c, "cityscapes_semantic")
-    return c

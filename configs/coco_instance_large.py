@@ -21,14 +21,12 @@ from eomt_jax import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, res=640, runlocal=False)
-    if a.res not in (640, 1280):
-        raise ValueError(f"res must be one of (640, 1280), got {a.res}")
-    c = config_lib.experiment(
+    return config_lib.experiment(
+        arg,
         task="instance",
         dataset="coco_instance",
         size="L",
-        image_size=a.res,
+        resolutions=(640, 1280),
         num_classes=80,
         num_queries=200,
         epochs=12,
@@ -36,6 +34,3 @@ def get_config(arg=None):
         anneal_ends=(29564, 44346, 59128, 73910),
         eval_every_epochs=2,
     )
-    if a.runlocal:
-        c = config_lib.runlocal(c, "coco_instance")
-    return c

@@ -21,23 +21,16 @@ from eomt_jax import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, res=640, runlocal=False, sched="2x")
-    if a.res not in (640,):
-        raise ValueError(f"res must be one of (640,), got {a.res}")
-    if a.sched not in ("1x", "2x"):
-        raise ValueError(f"sched must be 1x or 2x, got {a.sched}")
-    c = config_lib.experiment(
+    return config_lib.experiment(
+        arg,
         task="panoptic",
         dataset="coco_panoptic",
         size="B",
-        image_size=a.res,
+        resolutions=(640,),
         num_classes=133,
         num_queries=200,
-        epochs=24 if a.sched == '2x' else 12,
-        anneal_starts=(29564, 73910, 118256) if a.sched == '2x' else (14782, 36955, 59128),
-        anneal_ends=(59128, 103474, 147820) if a.sched == '2x' else (29564, 51737, 73910),
-        eval_every_epochs=1,
+        schedules={
+            "2x": dict(epochs=24, anneal_starts=(29564, 73910, 118256), anneal_ends=(59128, 103474, 147820)),
+            "1x": dict(epochs=12, anneal_starts=(14782, 36955, 59128), anneal_ends=(29564, 51737, 73910)),
+        },
     )
-    if a.runlocal:
-        c = config_lib.runlocal(c, "coco_panoptic")
-    return c

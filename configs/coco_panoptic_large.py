@@ -21,21 +21,15 @@ from eomt_jax import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, res=640, runlocal=False)
-    if a.res not in (640, 1280):
-        raise ValueError(f"res must be one of (640, 1280), got {a.res}")
-    c = config_lib.experiment(
+    return config_lib.experiment(
+        arg,
         task="panoptic",
         dataset="coco_panoptic",
         size="L",
-        image_size=a.res,
+        resolutions=(640, 1280),
         num_classes=133,
         num_queries=200,
         epochs=12,
         anneal_starts=(14782, 29564, 44346, 59128),
         anneal_ends=(29564, 44346, 59128, 73910),
-        eval_every_epochs=1,
     )
-    if a.runlocal:
-        c = config_lib.runlocal(c, "coco_panoptic")
-    return c

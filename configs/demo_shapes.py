@@ -15,7 +15,7 @@ from eomt_jax.models.eomt import EoMTConfig
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, runlocal=False, steps=300)
     c = config_lib.experiment(
-        task="panoptic", dataset="coco_panoptic", size="S", image_size=128, num_classes=6, num_queries=16,
+        None, task="panoptic", dataset="coco_panoptic", size="S", resolutions=(128,), num_classes=6, num_queries=16,
         epochs=1, anneal_starts=(0, 0), anneal_ends=(1, 1),
     )
     c.total_steps = a.steps

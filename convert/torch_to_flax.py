@@ -11,14 +11,9 @@ The architecture is read from the weights; `--config FILE[:ARG]` (its `model` se
 override or cross-check it. Load the result with `eomt_jax.pretrained.load(DST)`.
 """
 
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eomt_jax.conversion import main  # noqa: E402
+from eomt_jax.conversion.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,12 +44,15 @@ class DataPosition:
             other.batch_size, other.process_count, other.num_workers)
 
 
+# The items of every checkpoint step.
+ITEMS = ("state", "data", "data_position")
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "data_position"), options=options)
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -93,3 +96,22 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays, as restore targets."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete checkpoint step in `directory`, or None (also when the directory does not exist)."""
+    directory = Path(directory).absolute()
+    if not directory.exists():
+        return None
+    with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+        return manager.latest_step()
+
+
+def restore_network(directory: str | Path, step: int, params: Any, buffers: Any) -> tuple[Any, Any]:
+    """Only the network (parameters and buffers) of a training checkpoint, whatever its optimizer state was;
+    `params` and `buffers` (arrays or ShapeDtypeStructs) give the target shapes and shardings."""
+    target = {"params": abstract_like(params), "buffers": abstract_like(buffers)}
+    with ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))["state"]
+    return restored["params"], restored["buffers"]

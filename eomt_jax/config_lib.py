@@ -1,35 +1,33 @@
 """Building blocks of the configuration files in `configs/`.
 
-A configuration is an `ml_collections.ConfigDict`. Every file in `configs/` calls `experiment(...)` with the
-numbers of one published setting (UPSTREAM §3.7 of the original), so the files stay short and the structure is
-defined once, here. Top-level keys that scripts and documentation rely on:
+A configuration is an `ml_collections.ConfigDict`. Every file in `configs/` calls `experiment(arg, ...)` with the
+numbers of one published setting (the original's `configs/` YAML files), so the files stay short and the
+structure, the argument parsing and the smoke-run variant are defined once, here. Top-level keys that scripts and
+documentation rely on:
 
   task, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, max_steps_per_run, seed,
-  init_from, load_class_head, grad_accum_steps, remat, and the sections data, model, anneal, loss, optim, mesh, sharding, eval, log.
+  init_from, load_class_head, grad_accum_steps, remat, and the sections data, model, anneal, loss, optim, mesh,
+  sharding, eval, log.
 
 `arg` strings follow big_vision's convention: `file.py:res=1280,runlocal` -> {"res": "1280", "runlocal": True}.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import jax
 import ml_collections
 
 from eomt_jax import mesh as mesh_lib
 from eomt_jax import optim
+from eomt_jax.data.pipeline import DATASET_DEFAULTS
 from eomt_jax.models.eomt import EoMTConfig, preset
 
 # Optimizer steps per epoch at global batch 16 with drop_last (inferred from the original's annealing milestones
 # for COCO; dataset size // 16 for ADE20K and Cityscapes).
 STEPS_PER_EPOCH = {"coco": 7391, "ade20k": 1263, "cityscapes": 185}
-
-# Training augmentation per dataset: (scale-jitter range, colour jitter).
-AUGMENT = {
-    "coco_panoptic": ((0.1, 2.0), False),
-    "coco_instance": ((0.1, 2.0), False),
-    "ade20k_panoptic": ((0.1, 2.0), True),
-    "ade20k_semantic": ((0.5, 2.0), True),
-    "cityscapes_semantic": ((0.5, 2.0), True),
-}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -52,6 +50,43 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def experiment(
+    arg: str | None,
+    *,
+    task: str,
+    dataset: str,
+    size: str,
+    resolutions: tuple[int, ...],
+    num_classes: int,
+    num_queries: int,
+    epochs: int | None = None,
+    anneal_starts: tuple[int, ...] | None = None,
+    anneal_ends: tuple[int, ...] | None = None,
+    schedules: dict[str, dict] | None = None,
+    eval_every_epochs: int = 1,
+) -> ml_collections.ConfigDict:
+    """The config of one published setting, from a config file's `:arg` string.
+
+    `arg` takes `res=N` (one of `resolutions`, the first by default), `runlocal` (shrink to a 2-step smoke run on
+    generated data, see `runlocal`) and, when `schedules` maps schedule names to their `epochs`, `anneal_starts`
+    and `anneal_ends`, `sched=NAME` (the first by default) instead of giving those three directly.
+    """
+    defaults = dict(res=resolutions[0], runlocal=False)
+    if schedules:
+        defaults["sched"] = next(iter(schedules))
+    a = parse_arg(arg, **defaults)
+    if a.res not in resolutions:
+        raise ValueError(f"res must be one of {tuple(resolutions)}, got {a.res}")
+    if schedules:
+        if a.sched not in schedules:
+            raise ValueError(f"sched must be one of {tuple(schedules)}, got {a.sched}")
+        epochs, anneal_starts, anneal_ends = (schedules[a.sched][k] for k in ("epochs", "anneal_starts", "anneal_ends"))
+    c = _experiment(task=task, dataset=dataset, size=size, image_size=a.res, num_classes=num_classes,
+                    num_queries=num_queries, epochs=epochs, anneal_starts=anneal_starts, anneal_ends=anneal_ends,
+                    eval_every_epochs=eval_every_epochs)
+    return runlocal(c, dataset) if a.runlocal else c
+
+
+def _experiment(
     *,
     task: str,
     dataset: str,
@@ -66,7 +101,7 @@ def experiment(
 ) -> ml_collections.ConfigDict:
     family = dataset.split("_")[0]
     steps_per_epoch = STEPS_PER_EPOCH[family]
-    scale_range, color_jitter = AUGMENT[dataset]
+    augment = DATASET_DEFAULTS[dataset]
     c = ml_collections.ConfigDict()
     c.task = task  # panoptic | instance | semantic
     c.total_steps = epochs * steps_per_epoch
@@ -91,8 +126,8 @@ def experiment(
     c.data.image_size = image_size
     c.data.batch_size = 16  # global, as in the paper (e.g. 4 devices x 4)
     c.data.max_instances = 100 if task != "semantic" else num_classes
-    c.data.scale_range = scale_range
-    c.data.color_jitter = color_jitter
+    c.data.scale_range = augment["scale_range"]
+    c.data.color_jitter = augment["color_jitter"]
     c.data.num_workers = 4
     c.data.generate = ""  # "": real data; else a synthetic kind generated into root when missing
     c.data.generate_kwargs = {}  # e.g. num_train, num_val, size for the generator
@@ -121,7 +156,7 @@ def experiment(
 
     c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size) pairs; -1 = the remaining devices
     c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = mesh_lib.DEFAULT_RULES  # (regex over state paths, "fsdp" | "replicate"); first match wins
+    c.sharding.rules = mesh_lib.SHARDING_RULES  # (regex over state paths, "fsdp" | "replicate"); first match wins
     c.sharding.min_size = 2**18  # leaves smaller than this stay replicated
 
     c.eval = ml_collections.ConfigDict()
@@ -184,7 +219,28 @@ def model_config(config, platform: str | None = None) -> EoMTConfig:
     d = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     d["image_size"] = tuple(d["image_size"])
     if d.get("dtype") == "auto":
-        import jax
-
         d["dtype"] = "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
     return EoMTConfig.from_dict(d)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir) -> Path:
+    """Create the run's workdir (absolute) and record the config in `config.json` (process 0)."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return workdir
+
+
+def load_config_file(spec: str):
+    """`path/to/config.py[:arg]` -> the ConfigDict returned by its `get_config(arg)`."""
+    file, _, arg = spec.partition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"_eomt_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()

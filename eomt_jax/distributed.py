@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+from typing import Any
 
 import jax
+import numpy as np
 
 log = logging.getLogger("eomt_jax")
 
@@ -63,3 +66,30 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
 def _on_tpu_pod() -> bool:
     # A multi-host TPU slice sets TPU_WORKER_ID/TPU_WORKER_HOSTNAMES; a single TPU VM needs no initialisation.
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def allgather_sum(array: np.ndarray) -> np.ndarray:
+    """The element-wise sum of `array` over all processes (same shape on every process)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array)).sum(axis=0)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj` (any picklable value), in process order, on every process."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size)))
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(buf))
+    return [pickle.loads(gathered[i, : sizes[i]].tobytes()) for i in range(len(sizes))]

@@ -15,161 +15,11 @@ writes the per-class table as JSON. Folders may also be zip files.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from eomt_jax.eval_metrics import MeanIoU, PanopticQuality
-
-
-class _Files:
-    """PNG files by name from a folder or a zip archive."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-        if self.path.is_dir():
-            self._zip = None
-            self.names = {p.name: p for p in self.path.rglob("*.png")}
-        elif self.path.is_file() and zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
-            self.names = {Path(n).name: n for n in self._zip.namelist() if n.endswith(".png")}
-        else:
-            raise FileNotFoundError(f"{self.path}: expected a folder or a zip of PNG files")
-
-    def read(self, name: str) -> np.ndarray:
-        if name not in self.names:
-            raise FileNotFoundError(f"{self.path}: no file {name}")
-        try:
-            if self._zip is None:
-                with Image.open(self.names[name]) as im:
-                    return np.asarray(im)
-            with Image.open(io.BytesIO(self._zip.read(self.names[name]))) as im:
-                return np.asarray(im)
-        except OSError as e:
-            raise ValueError(f"{self.path}/{name}: cannot decode PNG ({e})") from None
-
-
-def _json(path: str, keys: tuple[str, ...] = ()) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise ValueError(f"{p}: missing the key(s) {missing}")
-    return data
-
-
-def _rgb_ids(png: np.ndarray, where: str) -> np.ndarray:
-    if png.ndim != 3 or png.shape[2] < 3:
-        raise ValueError(f"{where}: expected an RGB panoptic PNG, got shape {png.shape}")
-    png = png[..., :3].astype(np.int64)
-    return png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
-
-
-def evaluate_panoptic(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str):
-    gt, pred = _json(gt_json, ("annotations", "categories")), _json(pred_json, ("annotations",))
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
-    label_of = {c["id"]: i for i, c in enumerate(cats)}
-    metric = PanopticQuality(len(cats), [i for i, c in enumerate(cats) if not c.get("isthing", 1)])
-    gt_files, pred_files = _Files(gt_dir), _Files(pred_dir)
-    preds = {a["image_id"]: a for a in pred["annotations"]}
-    by_file = {a["file_name"]: a for a in pred["annotations"]}
-    from tqdm import tqdm
-
-    for ann in tqdm(gt["annotations"], desc="panoptic", disable=len(gt["annotations"]) < 50):
-        # Matched by image id, else by PNG name (predictions written with the file stem as id).
-        p = preds.get(ann["image_id"]) or by_file.get(ann["file_name"])
-        if p is None:
-            raise ValueError(f"{pred_json}: no prediction for image {ann['image_id']!r} ({ann['file_name']})")
-        gt_ids = _rgb_ids(gt_files.read(ann["file_name"]), f"{gt_dir}/{ann['file_name']}")
-        pred_ids = _rgb_ids(pred_files.read(p["file_name"]), f"{pred_dir}/{p['file_name']}")
-        if gt_ids.shape != pred_ids.shape:
-            raise ValueError(f"{p['file_name']}: prediction {pred_ids.shape} and ground truth {gt_ids.shape} differ")
-        segs = [s for s in ann["segments_info"] if s["category_id"] in label_of]
-        record = {
-            "masks": np.stack([gt_ids == s["id"] for s in segs]) if segs else np.zeros((0, *gt_ids.shape), bool),
-            "labels": np.array([label_of[s["category_id"]] for s in segs], np.int64),
-            "is_crowd": np.array([bool(s.get("iscrowd", 0)) for s in segs], bool),
-        }
-        cat = np.full(pred_ids.shape, len(cats), np.int64)
-        seg = np.full(pred_ids.shape, -1, np.int64)
-        known = set()
-        for s in p["segments_info"]:
-            if s["category_id"] not in label_of:
-                raise ValueError(f"{pred_json}: image {p['image_id']!r} uses unknown category {s['category_id']}")
-            region = pred_ids == s["id"]
-            cat[region], seg[region] = label_of[s["category_id"]], s["id"]
-            known.add(s["id"])
-        stray = set(np.unique(pred_ids).tolist()) - known - {0}
-        if stray:
-            raise ValueError(f"{pred_dir}/{p['file_name']}: segment ids {sorted(stray)} are not in {pred_json}")
-        metric.update(np.stack([cat, seg], -1), record)
-    results = metric.compute()
-    per_class = {c["name"]: dict(zip(("tp", "fp", "fn", "iou"), metric.stats[i].tolist())) for i, c in enumerate(cats)}
-    return results, per_class
-
-
-def evaluate_instance(gt_json: str, pred_json: str):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    _json(gt_json, ("images", "annotations", "categories"))
-    results = json.loads(Path(pred_json).read_text()) if Path(pred_json).is_file() else None
-    if results is None:
-        raise FileNotFoundError(f"{pred_json}: no such file")
-    if not isinstance(results, list):
-        raise ValueError(f"{pred_json}: expected a COCO results list")
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(gt_json)
-        if not results:
-            return {k: 0.0 for k in keys}, {}
-        ev = COCOeval(coco, coco.loadRes(results), iouType="segm")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    precision = ev.eval["precision"]  # (iou, recall, class, area, maxdets)
-    per_class = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        per_class[coco.cats[cat_id]["name"]] = 100.0 * float(p[p > -1].mean()) if (p > -1).any() else None
-    return {k: 100.0 * max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}, per_class
-
-
-def evaluate_semantic(gt_dir: str, pred_dir: str, num_classes: int, ignore_index: int = 255, label_offset: int = 0):
-    gt_files, pred_files = _Files(gt_dir), _Files(pred_dir)
-    by_stem = {Path(n).stem: n for n in pred_files.names}
-    missing = sorted(Path(n).stem for n in gt_files.names if Path(n).stem not in by_stem)
-    if missing:
-        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth file(s), e.g. {missing[:3]}")
-    metric = MeanIoU(num_classes, ignore_index)
-    for name in sorted(gt_files.names):
-        target = gt_files.read(name).astype(np.int64)
-        pred = pred_files.read(by_stem[Path(name).stem]).astype(np.int64)
-        if target.ndim != 2 or pred.shape != target.shape:
-            raise ValueError(f"{name}: expected single-channel PNGs of one size, got {target.shape} and {pred.shape}")
-        target = np.where(target == ignore_index, ignore_index, target - label_offset)
-        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-        target[bad] = ignore_index  # labels outside the evaluated classes count as ignored
-        if (pred < 0).any() or (pred >= num_classes).any():
-            raise ValueError(f"{pred_dir}/{by_stem[Path(name).stem]}: predicted labels outside [0, {num_classes})")
-        labels = [k for k in np.unique(target) if k != ignore_index]
-        metric.update(pred, {"masks": [target == k for k in labels], "labels": labels})
-    c = metric.confusion
-    diag = np.diag(c).astype(np.float64)
-    union = c.sum(0) + c.sum(1) - diag
-    per_class = {str(k): (100.0 * diag[k] / union[k] if union[k] else 0.0) for k in range(num_classes)}
-    return metric.compute(), per_class
+from eomt_jax.evaluation.scoring import score_instance, score_panoptic, score_semantic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.task == "panoptic":
-            results, per_class = evaluate_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+            results, per_class = score_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
         elif args.task == "instance":
-            results, per_class = evaluate_instance(args.gt_json, args.pred_json)
+            results, per_class = score_instance(args.gt_json, args.pred_json)
         else:
-            results, per_class = evaluate_semantic(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index,
-                                                   args.label_offset)
+            results, per_class = score_semantic(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index,
+                                                args.label_offset)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

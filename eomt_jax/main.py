@@ -1,5 +1,8 @@
 """`python -m eomt_jax.main --config=configs/X.py[:arg] --workdir=W [--mode=train|eval|train_and_eval|compile]`.
 
+Flags, then the distributed start-up, then one call: `train.run` (train, train_and_eval), `evaluation.run`
+(eval) or `compile_report.run` (compile).
+
 Config values are overridden with `--config.key=value` (e.g. `--config.data.root=/data/coco`); the config is
 locked, so a misspelt key is an error. A workdir that holds a checkpoint resumes from it.
 """
@@ -10,6 +13,8 @@ import logging
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from eomt_jax import compile_report, distributed, evaluation, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/coco_panoptic_large.py:res=640",
                                           lock_config=True)
@@ -30,18 +35,33 @@ _TARGET_TOPOLOGY = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_flags(mode: str, target_topology: str | None) -> None:
+    if target_topology and mode != "compile":
+        raise app.UsageError(f"--target_topology only applies to --mode=compile, not --mode={mode}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from eomt_jax import distributed, train
-
+    check_flags(_MODE.value, _TARGET_TOPOLOGY.value)
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _LOCAL_DEVICE_IDS.value)
-    train.run(_CONFIG.value, _WORKDIR.value, _MODE.value, target_topology=_TARGET_TOPOLOGY.value)
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if _MODE.value == "eval":
+        evaluation.run(config, workdir)
+    elif _MODE.value == "compile":
+        compile_report.run(config, workdir, target_topology=_TARGET_TOPOLOGY.value)
+    else:
+        train.run(config, workdir, _MODE.value)
+
+
+def run() -> None:
+    """The `eomt-train` command: the same as `python -m eomt_jax.main`."""
+    app.run(main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -6,6 +6,7 @@ every axis; parameters are replicated unless a sharding rule says otherwise.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -68,19 +69,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def log_processes(mesh: Mesh) -> None:
+    """Log this process's place in the run: its index, its local and the global device counts, the mesh."""
+    logging.getLogger("eomt_jax").info(
+        "process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(), jax.process_count(),
+        jax.local_device_count(), jax.device_count(), describe(mesh))
+
+
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
 
 
 # Default sharding rules: (regex searched in the leaf path, action). The first match wins; "fsdp" shards the
 # leaf's largest axis divisible by the fsdp axis size when the leaf has at least `min_size` elements.
-DEFAULT_RULES = (
+SHARDING_RULES = (
     (r"(^|/)(step|rng)$", "replicate"),
     (r".*", "fsdp"),
 )
 
 
-def state_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES, min_size: int = 2**18):
+def state_shardings(abstract_tree, mesh: Mesh, rules=SHARDING_RULES, min_size: int = 2**18):
     """NamedShardings for a tree of arrays / ShapeDtypeStructs (parameters, optimizer state, ...)."""
     import re
 

@@ -43,7 +43,7 @@ GROUPS = ("backbone", "head")
 
 # Parameter names of `eomt_jax.models.eomt.EoMT` (DINOv2 backbone). A backbone with other names (DINOv3) needs
 # its own rules in its config; anything unmatched fails loudly instead of silently training at the wrong LR.
-DEFAULT_RULES = (
+LR_RULES = (
     (r"backbone/blocks/(?P<block>\d+)/.+", "backbone", "block"),
     # Everything before block 0 trains at block 0's rate.
     (r"backbone/(patch_embed/.+|cls_token|reg_token|pos_embed)", "backbone", 0),
@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
             warmup_steps=(500, 1000),  # (heads warm up / backbone frozen, then backbone warms up)
             poly_power=0.9,
             clip_norm=0.01,  # global L2 norm over all gradients
-            rules=DEFAULT_RULES,  # (path regex, group, layer); first full match wins
+            rules=LR_RULES,  # (path regex, group, layer); first full match wins
         )
     )
 

@@ -14,34 +14,21 @@ Class names come from the checkpoint's metadata, else from `--dataset`, else the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from eomt_jax import pretrained, visualize
+from eomt_jax import pretrained
 from eomt_jax.atomic import atomic_directory
-from eomt_jax.eval_loop import make_forward
-from eomt_jax.inference import predict
+from eomt_jax.data.classes import dataset_classes
+from eomt_jax.inference.formats import PredictionWriter
+from eomt_jax.inference.forward import make_forward
+from eomt_jax.inference.overlays import overlay
+from eomt_jax.inference.pipeline import predict
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def dataset_classes(name: str) -> tuple[list[str], list[int]]:
-    from eomt_jax.data import classes
-
-    table = {
-        "coco_panoptic": (classes.COCO_PANOPTIC_NAMES, classes.COCO_PANOPTIC_STUFF),
-        "coco_instance": (classes.COCO_THING_NAMES, ()),
-        "ade20k_panoptic": (classes.ADE20K_NAMES, classes.ADE20K_PANOPTIC_STUFF),
-        "ade20k_semantic": (classes.ADE20K_NAMES, tuple(range(150))),
-        "cityscapes_semantic": (classes.CITYSCAPES_NAMES, tuple(range(19))),
-    }
-    if name not in table:
-        raise ValueError(f"--dataset must be one of {sorted(table)}, got {name!r}")
-    names, stuff = table[name]
-    return list(names), list(stuff)
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -92,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from tqdm import tqdm
-
     model = pretrained.load(args.checkpoint, dtype=args.dtype)
     meta = pretrained.read_metadata(args.checkpoint)
     c = model.config.num_classes
@@ -108,75 +93,22 @@ def _main(args) -> int:
     files = find_images(args.input)
     out = Path(args.output)
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
-        _run(model, args, files, names, stuff, tmp, tqdm)
+        _run(model, args, files, names, stuff, tmp)
     print(f"wrote predictions for {len(files)} image(s) to {out}")
     return 0
 
 
-def _plus_one(label: int) -> int:
-    return label + 1
-
-
-def write_panoptic_png(folder: Path, stem: str, pred: np.ndarray, image_id, category_id=_plus_one) -> dict:
-    """COCO panoptic PNG of an (H, W, 2) prediction; returns its annotation (category ids: `category_id(label)`,
-    class index + 1 by default)."""
-    ids = np.where(pred[..., 1] >= 0, pred[..., 1] + 1, 0)  # COCO: 0 = unlabeled
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-    Image.fromarray(rgb).save(folder / f"{stem}.png")
-    segments = []
-    for sid in np.unique(ids[ids > 0]):
-        region = ids == sid
-        cat = int(np.bincount(pred[..., 0][region]).argmax())
-        segments.append({"id": int(sid), "category_id": category_id(cat), "area": int(region.sum()), "iscrowd": 0})
-    return {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments}
-
-
-def coco_results(pred: dict, image_id, category_id=_plus_one) -> list[dict]:
-    """COCO results entries (RLE masks) of an instance prediction."""
-    from pycocotools import mask as mask_util
-
-    out = []
-    for m, label, score in zip(pred["masks"], pred["labels"], pred["scores"]):
-        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        out.append({"image_id": image_id, "category_id": category_id(int(label)), "segmentation": rle,
-                    "score": float(score)})
-    return out
-
-
-def _run(model, args, files, names, stuff, out: Path, tqdm) -> None:
-    size = model.config.image_size
+def _run(model, args, files, names, stuff, out: Path) -> None:
     forward = make_forward(model, args.batch_size, masked_attn=False)
-    panoptic_json, instances = [], []
-    for sub in {"panoptic": ["panoptic"], "semantic": ["semantic"]}.get(args.task, []):
-        (out / sub).mkdir()
+    writer = PredictionWriter(out, args.task, names, stuff)
     for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
         chunk = files[start : start + args.batch_size]
         images = [load_image(f) for f in chunk]
-        if args.task == "panoptic":
-            preds = predict.predict_panoptic(forward, images, size, stuff_classes=stuff)
-        elif args.task == "instance":
-            preds = predict.predict_instance(forward, images, size)
-        else:
-            preds = predict.predict_semantic(forward, images, size)
+        preds = predict(args.task, forward, images, model.config.image_size, stuff_classes=stuff)
         for path, image, pred in zip(chunk, images, preds):
-            stem = path.stem
-            if args.task == "panoptic":
-                picture = visualize.panoptic_overlay(image, pred, names)
-                panoptic_json.append(write_panoptic_png(out / "panoptic", stem, pred, image_id=stem))
-            elif args.task == "instance":
-                picture = visualize.instance_overlay(image, pred["masks"], pred["labels"], pred["scores"], names)
-                instances += coco_results(pred, image_id=stem)
-            else:
-                picture = visualize.semantic_overlay(image, pred, len(names))
-                Image.fromarray(pred.astype(np.uint8 if len(names) <= 256 else np.uint16)).save(
-                    out / "semantic" / f"{stem}.png")
-            Image.fromarray(picture).save(out / f"{stem}_overlay.png")
-    categories = [{"id": k + 1, "name": n, "isthing": int(k not in stuff)} for k, n in enumerate(names)]
-    if args.task == "panoptic":
-        (out / "panoptic.json").write_text(json.dumps({"annotations": panoptic_json, "categories": categories}))
-    elif args.task == "instance":
-        (out / "instances.json").write_text(json.dumps(instances))
+            writer.add(path.stem, pred)
+            Image.fromarray(overlay(args.task, image, pred, names)).save(out / f"{path.stem}_overlay.png")
+    writer.close()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,63 @@
-"""Load a converted EoMT checkpoint directory (from `convert/torch_to_flax.py`) as a ready network.
+"""Converted EoMT checkpoint directories: their format, the writer (used by `eomt_jax.conversion`) and the loader.
 
     from eomt_jax import pretrained
     model = pretrained.load("out/")
     mask_logits, class_logits = model(images)      # images: float32 (B, H, W, 3) in [0, 1]
+
+A directory holds `eomt_config.json` ({"model": EoMTConfig fields, "source": ..., ...}) and `params/`, an Orbax
+StandardCheckpointer save of the parameter tree (float32 or bfloat16; `attn_mask_probs` always float32).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from eomt_jax.conversion import CONFIG_FILE, PARAMS_DIR, unflatten
-from eomt_jax.models.eomt import EoMT, EoMTConfig
-from eomt_jax.tree import flatten_paths, set_from_flat
+from eomt_jax.atomic import atomic_directory
+from eomt_jax.jsonio import read_json
+from eomt_jax.models.eomt import Buffer, EoMT, EoMTConfig
+from eomt_jax.models.vit import resample_pos_embed
+from eomt_jax.tree import flatten_paths, set_from_flat, unflatten
+
+CONFIG_FILE = "eomt_config.json"
+PARAMS_DIR = "params"
+
+
+def write(
+    dst: str | os.PathLike,
+    flat: dict[str, np.ndarray],
+    config: EoMTConfig,
+    *,
+    metadata: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write parameters (Orbax) + model hyper-parameters (JSON) into `dst`, atomically.
+
+    `flat` maps Flax paths ('a/b/c') to arrays. Everything is written into a temporary sibling directory that is
+    renamed into place only when complete, so an interrupted conversion never leaves a partial `dst`.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    dst = Path(dst).absolute()
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        params = {
+            k: jnp.asarray(v, jnp.float32 if k == "attn_mask_probs" else dtype) for k, v in flat.items()
+        }
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / PARAMS_DIR, unflatten(params))
+        ckptr.wait_until_finished()
+        meta = {"model": config.replace(param_dtype=dtype).to_dict(), **(metadata or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return dst
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -25,10 +65,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     f = Path(path) / CONFIG_FILE
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: {path} is not a converted EoMT checkpoint directory")
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    meta = read_json(f)
     if "model" not in meta:
         raise ValueError(f"{f}: missing the 'model' section with the architecture")
     return meta
@@ -68,8 +105,6 @@ def load(
             for k, v in shapes.items()
         }
     )
-    import orbax.checkpoint as ocp
-
     params_dir = path / PARAMS_DIR
     if not params_dir.exists():
         raise FileNotFoundError(f"{params_dir} not found: the checkpoint directory {path} is incomplete")
@@ -80,3 +115,32 @@ def load(
     flat = {k: jnp.asarray(v, shapes[k].dtype) for k, v in flatten_paths(restored).items()}
     state = set_from_flat(state, flat)
     return nnx.merge(graphdef, state)
+
+
+def overlay(params: nnx.State, path: str | Path, config: EoMTConfig, load_class_head: bool = True) -> nnx.State:
+    """`params` (a network's parameter state for `config`) with the values of the converted checkpoint `path`:
+    an EoMT, or a DINOv2 backbone with a fresh head. The position embedding is resampled when the checkpoint's grid
+    differs; with `load_class_head=False` the class head keeps its values in `params` (fine-tuning on other
+    classes). Any parameter that does not fit is an error naming it."""
+    source = load(path)
+    _, source_params, _ = nnx.split(source, nnx.Param, Buffer)
+    flat = flatten_paths(source_params)
+    own = flatten_paths(params)
+    if not load_class_head:
+        flat = {k: v for k, v in flat.items() if not k.startswith("class_head/")}
+    if source.config.grid_size != config.grid_size and "backbone/pos_embed" in flat:
+        flat["backbone/pos_embed"] = resample_pos_embed(flat["backbone/pos_embed"], source.config.grid_size,
+                                                        config.grid_size)
+    problems = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in flat.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    unknown = sorted(set(flat) - set(own))
+    if problems or unknown:
+        raise ValueError(
+            f"{path} does not fit the configured model:\n  " + "\n  ".join(problems + [f"unexpected {k}" for k in unknown])
+            + ("\n(use --config.load_class_head=False to fine-tune on other classes)" if problems else "")
+        )
+    merged = {k: jnp.asarray(flat[k], own[k].dtype) if k in flat else own[k] for k in own}
+    return set_from_flat(params, merged)

@@ -32,12 +32,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from eomt_jax import annealing, losses
+from eomt_jax import annealing, losses, optim
+from eomt_jax import mesh as mesh_lib
+from eomt_jax.data import TRAIN_KEYS
+from eomt_jax.models.eomt import Buffer, EoMT, EoMTConfig, check_remat
 from eomt_jax.tree import path_str
 
 
@@ -52,11 +55,22 @@ class StepConfig:
     remat: str = "none"  # per-block rematerialisation (config.remat), a models.eomt.REMAT_POLICIES name
 
     def __post_init__(self):
-        from eomt_jax.models.eomt import check_remat
-
         check_remat(self.remat)
         if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
             raise ValueError(f"config.grad_accum_steps must be a positive integer, got {self.grad_accum_steps!r}")
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "StepConfig":
+        """The step settings of an experiment config (its anneal, loss, grad_accum_steps and remat)."""
+        return cls(
+            num_classes=num_classes,
+            anneal_starts=tuple(config.anneal.starts),
+            anneal_ends=tuple(config.anneal.ends),
+            anneal_power=config.anneal.power,
+            loss_kwargs=dict(config.loss.to_dict()),
+            grad_accum_steps=config.grad_accum_steps,
+            remat=config.remat,
+        )
 
 
 def check_grad_accum(batch_size: int, grad_accum_steps: int, num_devices: int) -> None:
@@ -69,10 +83,8 @@ def check_grad_accum(batch_size: int, grad_accum_steps: int, num_devices: int) -
 
 
 def split_model(model: nnx.Module):
-    from eomt_jax.models.eomt import Buffer
-
-    graphdef, params, buffers = nnx.split(model, nnx.Param, Buffer)
-    return graphdef, params, buffers
+    """(graphdef, parameters, buffers) of the network."""
+    return nnx.split(model, nnx.Param, Buffer)
 
 
 def _loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig, state: dict[str, Any], mesh) -> Callable:
@@ -196,3 +208,99 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: everything a run, the compile report and the benchmark need around the step, built the same way
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSetup:
+    """The network's graph, the optimizer, the step settings and the state's abstract shapes and shardings on a
+    mesh; nothing is materialised until `init_state` runs."""
+
+    config: ml_collections.ConfigDict
+    model_config: EoMTConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    learning_rates: optim.LearningRates
+    step_config: StepConfig
+    abstract_state: dict[str, Any]  # ShapeDtypeStructs carrying the state's shardings
+    state_sharding: dict[str, Any]
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return mesh_lib.batch_sharding(self.mesh)
+
+    def new_state(self, seed: int) -> dict[str, Any]:
+        """The initial state (fresh network, optimizer state, step 0, the run's key), created already sharded:
+        nothing is built whole on one host and then copied."""
+        return jax.jit(self.init_state, static_argnums=0, out_shardings=self.state_sharding)(seed)
+
+    def init_state(self, seed: int) -> dict[str, Any]:
+        """The initial state, unsharded (`new_state` creates it on the mesh)."""
+        model = EoMT(self.model_config, rngs=nnx.Rngs(seed))
+        _, params, buffers = split_model(model)
+        return {
+            "params": params,
+            "buffers": buffers,
+            "opt": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
+
+    def init_optimizer(self, params: nnx.State) -> Any:
+        return jax.jit(self.tx.init, out_shardings=self.state_sharding["opt"])(params)
+
+    def jit_step(self):
+        """The train step, jitted with the state's and the batch's shardings; the state is donated."""
+        step = make_train_step(self.graphdef, self.tx, self.step_config, lr_fn=self.learning_rates.groups_at,
+                               mesh=self.mesh)
+        return jax.jit(
+            step,
+            in_shardings=(self.state_sharding, {k: self.batch_sharding for k in TRAIN_KEYS}),
+            out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of one global training batch (see `eomt_jax.data.pipeline`)."""
+        d = self.config.data
+        b, m, s = d.batch_size, d.max_instances, d.image_size
+        shapes = {
+            "image": ((b, s, s, 3), jnp.uint8),
+            "masks": ((b, m, s, s), jnp.bool_),
+            "labels": ((b, m), jnp.int32),
+            "valid": ((b, m), jnp.bool_),
+            "is_crowd": ((b, m), jnp.bool_),
+        }
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+                for k, (shape, dtype) in shapes.items()}
+
+    def saved_activation_bytes(self) -> int:
+        """What the backward pass keeps of one device's share of a microbatch (see `saved_activation_bytes`)."""
+        images = self.config.data.batch_size // (self.config.grad_accum_steps * self.mesh.size)
+        unsharded = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.abstract_state)
+        return saved_activation_bytes(self.graphdef, self.step_config, unsharded, images, self.abstract_batch())
+
+
+def setup(config: ml_collections.ConfigDict, model_config: EoMTConfig, mesh: Mesh) -> TrainSetup:
+    """The `TrainSetup` of an experiment config on `mesh`. (Whether `grad_accum_steps` splits the batch over the
+    mesh is checked when the step is traced.)"""
+    step_config = StepConfig.from_config(config, model_config.num_classes)
+    if config.data.batch_size % mesh.size:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the {mesh.size} devices")
+    abstract_model = nnx.eval_shape(lambda: EoMT(model_config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, _ = split_model(abstract_model)
+    schedule = dict(total_steps=config.total_steps, depth=model_config.depth,
+                    num_masked_blocks=model_config.num_blocks)
+    tx = optim.build_optimizer(config.optim, abstract_params, **schedule)
+    lrs = optim.learning_rates(config.optim, abstract_params, **schedule)
+    partial = TrainSetup(config, model_config, mesh, graphdef, tx, lrs, step_config, {}, {})
+    abstract = jax.eval_shape(lambda: partial.init_state(config.seed))
+    sharding = mesh_lib.state_shardings(
+        abstract, mesh, rules=tuple(tuple(r) for r in config.sharding.rules), min_size=config.sharding.min_size)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
+    return dataclasses.replace(partial, abstract_state=abstract, state_sharding=sharding)

@@ -54,3 +54,15 @@ def set_from_flat(state: nnx.State, flat: dict[str, Any]) -> nnx.State:
         raise KeyError(f"no value for parameter(s): {', '.join(missing)}")
     nnx.replace_by_pure_dict(state, new)
     return state
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict of a flat {'a/b/c': leaf} mapping (the inverse of `flatten_paths` for nested dicts)."""
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return tree

@@ -7,7 +7,7 @@ from flax import nnx
 from jax import export
 
 from eomt_jax import pretrained
-from eomt_jax.conversion import main as convert_main
+from eomt_jax.conversion.cli import main as convert_main
 from eomt_jax.export import main as export_main
 from tests.models import oracle
 

@@ -3,8 +3,6 @@ rematerialisation (`config.remat`). Both must leave the training arithmetic unch
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,19 +10,16 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eomt_jax import config_lib, optim
-from eomt_jax.conversion import load_config_file
 from eomt_jax.mesh import batch_sharding, make_mesh, state_shardings
-from eomt_jax.models.eomt import REMAT_POLICIES, EoMT
-from eomt_jax.train_step import StepConfig, make_train_step, split_model
+from eomt_jax.models.eomt import REMAT_POLICIES
+from eomt_jax.train_step import make_train_step
 from eomt_jax.tree import flatten_paths
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.tiny import random_batch, runlocal_config, tiny_setup
 QUERIES, SLOTS, SIZE, CLASSES = 4, 6, 32, 3
 
 
 def _setup(grad_accum_steps=1, remat="none"):
-    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config = runlocal_config()
     config.model.update(embed_dim=32, num_heads=2, mlp_hidden=64, patch_size=8, image_size=(SIZE, SIZE),
                         num_queries=QUERIES, num_classes=CLASSES,  # depth 2, one masked block (runlocal)
                         layerscale_init=0.1)  # blocks that matter, as in a pretrained backbone, not 1e-5
@@ -33,31 +28,13 @@ def _setup(grad_accum_steps=1, remat="none"):
     # step 2 never: three steps cross both annealing phases.
     config.anneal.starts, config.anneal.ends = (0,), (2,)
     config.loss.num_points = 32
-    cfg = config_lib.model_config(config)
-    graphdef, params, buffers = split_model(EoMT(cfg, rngs=nnx.Rngs(0)))
-    kw = dict(total_steps=config.total_steps, depth=cfg.depth, num_masked_blocks=cfg.num_blocks)
-    tx = optim.build_optimizer(config.optim, params, **kw)
-    lrs = optim.learning_rates(config.optim, params, **kw)
-    state = {"params": params, "buffers": buffers, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
-    step_cfg = StepConfig(num_classes=CLASSES, anneal_starts=(0,), anneal_ends=(2,), anneal_power=0.9,
-                          loss_kwargs=dict(config.loss.to_dict()), grad_accum_steps=grad_accum_steps, remat=remat)
-    return graphdef, tx, lrs, state, step_cfg
+    config.grad_accum_steps, config.remat = grad_accum_steps, remat
+    return tiny_setup(config)
 
 
 def _batch(seed, b=32):
     """Images with 0 to SLOTS targets: some have more targets than there are queries (matched: only QUERIES)."""
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((b, SLOTS, SIZE, SIZE), bool)
-    valid = np.zeros((b, SLOTS), bool)
-    for i in range(b):
-        for j in range(rng.integers(0, SLOTS + 1)):
-            y, x = rng.integers(0, SIZE - 8, 2)
-            masks[i, j, y : y + rng.integers(4, 12), x : x + rng.integers(4, 12)] = True
-            valid[i, j] = True
-    return {"image": rng.integers(0, 255, (b, SIZE, SIZE, 3), dtype=np.uint8), "masks": masks,
-            "labels": rng.integers(0, CLASSES, (b, SLOTS)).astype(np.int32), "valid": valid,
-            "is_crowd": np.zeros((b, SLOTS), bool)}
+    return random_batch(seed, b, SIZE, SLOTS, CLASSES, targets=(0, SLOTS + 1), box=(4, 12), margin=8)
 
 
 def _jit_step(mesh, graphdef, tx, lrs, state, step_cfg, batch):

@@ -1,4 +1,6 @@
-"""Optimizer, LR plan and masked-attention annealing against the formulas of UPSTREAM.md §3.3–3.5.
+"""Optimizer, LR plan and masked-attention annealing against the formulas of the original's
+`training/lightning_module.py` (optimizer, layer-wise decay, mask annealing) and
+`training/two_stage_warmup_poly_schedule.py`.
 
 The expected numbers are written out here from the spec (not from eomt_jax.optim), and the LR tests read the LR
 back out of real optax updates, so a wrong rule, schedule, chain order or decay would fail them.
@@ -66,7 +68,7 @@ def config(**overrides):
     return c
 
 
-# Representative parameters and their peak LR (UPSTREAM.md §3.3), for llrd_l2_enabled True / False.
+# Representative parameters and their peak LR (the original's `training/lightning_module.py`, `configure_optimizers`), for llrd_l2_enabled True / False.
 PEAKS = {
     "class_head/kernel": (LR, LR),
     "upscale/1/conv2/kernel": (LR, LR),
@@ -82,7 +84,7 @@ BACKBONE = {p for p in PEAKS if p.startswith("backbone/")}
 
 
 def spec_factor(backbone: bool, step: int) -> float:
-    """§3.4 written out in plain Python."""
+    """The original's `TwoStageWarmupPolySchedule` written out in plain Python."""
     if not backbone:
         return step / W1 if step < W1 else (1 - (step - W1) / max(1, T - W1)) ** POWER
     if step < W1:
@@ -202,7 +204,7 @@ def test_clipping_global_norm():
 
 
 def test_upstream_worked_values():
-    """UPSTREAM.md §3.3's worked examples on a 24-block backbone, and the lr_mult quirk."""
+    """The original's layer-wise decay worked through on a 24-block backbone, and the lr_mult quirk."""
     params = tiny_params(depth=24, dim=1)
 
     def peaks(**kw):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eomt_jax.conversion import main as convert_main
+from eomt_jax.conversion.cli import main as convert_main
 from eomt_jax.predict import main as predict_main
 from tests.models import oracle
 

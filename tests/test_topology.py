@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from absl import app
+
+from eomt_jax import compile_report
 from eomt_jax import mesh as mesh_lib
-from eomt_jax import train
-from eomt_jax.conversion import load_config_file
+from eomt_jax.main import check_flags
+from eomt_jax.config_lib import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +62,7 @@ def test_compile_mode_reports_memory_and_flops_without_data_or_state(tmp_path):
     config = _config([("data", 4), ("fsdp", 2)], **{"sharding.min_size": 4096})
     config.data.generate = ""  # compile mode must not need a dataset...
     config.data.root = ""
-    report = train.run(config, tmp_path, "compile")
+    report = compile_report.run(config, tmp_path)
     assert report["devices"] == 8
     assert report["flops"] > 0 and report["temporaries_bytes"] > 0 and report["arguments_bytes"] > 0
     assert report["total_bytes"] >= report["temporaries_bytes"]
@@ -69,9 +72,8 @@ def test_compile_mode_reports_memory_and_flops_without_data_or_state(tmp_path):
 
 
 def test_target_topology_is_for_compile_mode_and_names_what_it_needs(tmp_path):
-    config = _config([("data", -1)])
-    with pytest.raises(ValueError, match="only applies to --mode=compile"):
-        train.run(config, tmp_path / "a", "train", target_topology="tpu:v5e:2x2")
+    with pytest.raises(app.UsageError, match="only applies to --mode=compile"):
+        check_flags("train", "tpu:v5e:2x2")
     with pytest.raises(ValueError, match="tpu:<chip>:<shape>"):
         mesh_lib.topology_devices("v5e-16")
     if importlib.util.find_spec("libtpu") is None:
@@ -95,8 +97,8 @@ def test_compile_report_says_when_the_step_does_not_fit(tmp_path, caplog):
 
     state = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=mesh_lib.replicated(mesh_lib.make_mesh([("data", -1)])))}
     report = {}
-    assert train.compile_and_report(TooBig(), state, {}, report, activations=123) is None
+    assert compile_report.compile_and_report(TooBig(), state, {}, report, activations=123) is None
     assert report["fits"] is False and "18.40G" in report["error"] and report["saved_activations_bytes"] == 123
     assert "does not fit" in caplog.text
     with pytest.raises(jax.errors.JaxRuntimeError):  # a training run re-raises it
-        train.compile_and_report(TooBig(), state, {})
+        compile_report.compile_and_report(TooBig(), state, {})

@@ -1,57 +1,35 @@
-"""Training: the sharded step, compile counts, checkpoints and exact resume, and every config's smoke run."""
+"""Training: the sharded step, compile counts, checkpoints and exact resume, evaluation during and after
+training, fine-tuning from a converted checkpoint."""
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eomt_jax import config_lib, optim, train
-from eomt_jax.conversion import load_config_file
+from eomt_jax import config_lib, evaluation, pretrained, train
 from eomt_jax.mesh import batch_sharding, make_mesh, state_shardings
 from eomt_jax.models.eomt import EoMT
-from eomt_jax.train_step import StepConfig, make_train_step, split_model
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.py")))
+from eomt_jax.train_step import make_train_step, split_model
+from tests.tiny import random_batch, runlocal_config, tiny_setup
 
 
 def _tiny_setup(seed=0):
-    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config = runlocal_config()
     config.model.num_classes = 5
     config.total_steps = 6
     config.anneal.starts, config.anneal.ends = (0,), (2,)
-    cfg = config_lib.model_config(config)
-    model = EoMT(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, buffers = split_model(model)
-    tx = optim.build_optimizer(config.optim, params, total_steps=config.total_steps, depth=cfg.depth,
-                               num_masked_blocks=cfg.num_blocks)
-    state = {"params": params, "buffers": buffers, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(seed))}
-    step_cfg = StepConfig(num_classes=cfg.num_classes, anneal_starts=tuple(config.anneal.starts),
-                          anneal_ends=tuple(config.anneal.ends), anneal_power=0.9,
-                          loss_kwargs=dict(config.loss.to_dict()))
-    return config, cfg, graphdef, tx, state, step_cfg
+    graphdef, tx, _, state, step_cfg = tiny_setup(config, seed)
+    return config, config_lib.model_config(config), graphdef, tx, state, step_cfg
 
 
 def _batch(seed, b=8, s=64, m=8, classes=5):
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((b, m, s, s), bool)
-    valid = np.zeros((b, m), bool)
-    for i in range(b):
-        for j in range(rng.integers(1, 4)):
-            y, x = rng.integers(0, s - 16, 2)
-            masks[i, j, y : y + rng.integers(8, 16), x : x + rng.integers(8, 16)] = True
-            valid[i, j] = True
-    return {"image": rng.integers(0, 255, (b, s, s, 3), dtype=np.uint8), "masks": masks,
-            "labels": rng.integers(0, classes, (b, m)).astype(np.int32), "valid": valid, "is_crowd": np.zeros((b, m), bool)}
+    return random_batch(seed, b, s, m, classes)
 
 
 def test_sharded_step_equals_single_device_and_compiles_once():
@@ -84,7 +62,7 @@ def _run(config, workdir):
 
 
 def test_interrupted_and_resumed_run_is_bit_exact(tmp_path):
-    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config = runlocal_config("coco_panoptic_large")
     config.total_steps = 4
     config.log_every_steps = 1
     config.checkpoint_every_steps = 100
@@ -103,27 +81,17 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path):
     assert (tmp_path / "b" / "config.json").exists()
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).stem)
-def test_every_config_runs_locally(path, tmp_path):
-    config = load_config_file(path + ":runlocal")
-    assert config.model.num_queries >= config.data.max_instances
-    result = train.run(config, tmp_path, "train")
-    assert result["step"] == config.total_steps
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert np.isfinite(json.loads(lines[-1])["train/loss"])
-
-
 def test_eval_mode_on_a_converted_checkpoint(tmp_path):
     """--mode=eval end to end: a converted (random) PyTorch checkpoint on the generated COCO panoptic zips."""
-    from eomt_jax.conversion import main as convert_main
+    from eomt_jax.conversion.cli import main as convert_main
     from tests.models import oracle
 
     model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
     assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
-    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config = runlocal_config("coco_panoptic_large")
     config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
     config.init_from = str(tmp_path / "ckpt")
-    results = train.run(config, tmp_path / "w", "eval")
+    results = evaluation.run(config, tmp_path / "w")
     saved = json.loads((tmp_path / "w" / "eval_metrics.json").read_text())
     assert saved == results and {"PQ", "SQ", "RQ", "PQ_things", "PQ_stuff"} <= set(saved)
     from eomt_jax.data import load_source
@@ -134,14 +102,13 @@ def test_eval_mode_on_a_converted_checkpoint(tmp_path):
 
 def test_fine_tune_on_other_classes_keeps_the_backbone_and_skips_the_class_head(tmp_path):
     """The original's recipe: a COCO (133-class) model fine-tuned on ADE20K panoptic (150 classes)."""
-    from eomt_jax import pretrained
-    from eomt_jax.conversion import main as convert_main
+    from eomt_jax.conversion.cli import main as convert_main
     from eomt_jax.tree import flatten_paths
     from tests.models import oracle
 
     model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
     assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
-    config = load_config_file(str(REPO / "configs" / "ade20k_panoptic_large.py") + ":runlocal")
+    config = runlocal_config("ade20k_panoptic_large")
     config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
     config.init_from = str(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="load_class_head=False"):
@@ -149,7 +116,7 @@ def test_fine_tune_on_other_classes_keeps_the_backbone_and_skips_the_class_head(
 
     cfg = config_lib.model_config(config)
     _, fresh, _ = split_model(EoMT(cfg, rngs=nnx.Rngs(0)))
-    merged = flatten_paths(train.overlay_pretrained(fresh, str(tmp_path / "ckpt"), cfg, load_class_head=False))
+    merged = flatten_paths(pretrained.overlay(fresh, str(tmp_path / "ckpt"), cfg, load_class_head=False))
     _, source, _ = split_model(pretrained.load(str(tmp_path / "ckpt")))
     source, fresh = flatten_paths(source), flatten_paths(fresh)
     for key, value in merged.items():
@@ -166,20 +133,20 @@ def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
     """--mode=eval with save_predictions: `eomt_jax.evaluate` on the written files gives the loop's PQ."""
     import zipfile
 
-    from eomt_jax.evaluate import evaluate_panoptic
+    from eomt_jax.evaluation.scoring import score_panoptic
 
-    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py") + ":runlocal")
+    config = runlocal_config("coco_panoptic_large")
     config.eval.max_images = 0
     config.eval.save_predictions = True
     config.eval.mask_thresh = 0.0  # keep every query of the barely trained model, so the files hold segments
     config.total_steps = 1
     train.run(config, tmp_path, "train")
-    results = train.run(config, tmp_path, "eval")
+    results = evaluation.run(config, tmp_path)
     with zipfile.ZipFile(tmp_path / "data" / "panoptic_annotations_trainval2017.zip") as z:
         z.extract("annotations/panoptic_val2017.json", tmp_path)
         z.extract("annotations/panoptic_val2017.zip", tmp_path)
     preds = tmp_path / "predictions_1"
-    rescored, per_class = evaluate_panoptic(str(tmp_path / "annotations" / "panoptic_val2017.json"),
+    rescored, per_class = score_panoptic(str(tmp_path / "annotations" / "panoptic_val2017.json"),
                                     str(tmp_path / "annotations" / "panoptic_val2017.zip"),
                                     str(preds / "panoptic.json"), str(preds / "panoptic"))
     for k in ("PQ", "SQ", "RQ", "PQ_things", "PQ_stuff"):
@@ -190,7 +157,7 @@ def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
 @pytest.mark.parametrize("name,keys", [("ade20k_semantic_large", {"mIoU", "pixel_accuracy"}),
                                        ("coco_instance_large", {"AP", "AP50", "AP75", "APs", "APm", "APl"})])
 def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
-    config = load_config_file(str(REPO / "configs" / f"{name}.py") + ":runlocal")
+    config = runlocal_config(name)
     config.total_steps = 1
     config.eval_every_steps = 1
     config.eval.masked_attn = True  # as during training: one metric per prediction point
@@ -198,22 +165,3 @@ def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
     assert keys <= set(result) and {f"{k}_block_-1" for k in keys} <= set(result)
     assert all(0.0 <= result[k] <= 100.0 for k in keys)
     assert (tmp_path / "eval_metrics_1.json").exists() and list((tmp_path / "overlays_1").glob("*.png"))
-
-
-def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):
-    config = load_config_file(str(REPO / "configs" / "coco_panoptic_large.py"))
-    assert config.model.dtype == "auto"
-    assert config_lib.model_config(config).dtype == "float32"  # the tests run on CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    cfg = config_lib.model_config(config)
-    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
-    assert config_lib.model_config(config, platform="tpu").dtype == "bfloat16"  # a --target_topology compile
-    assert config_lib.model_config(config, platform="cpu").dtype == "float32"
-
-
-@pytest.mark.parametrize("name", ["coco_panoptic_large", "coco_panoptic_giant", "coco_instance_large"])
-def test_1280_variants_default_to_block_remat(name):
-    """Without it no accelerator of the README's memory table holds a 1280 step; 640 keeps the faster default."""
-    path = str(REPO / "configs" / f"{name}.py")
-    assert load_config_file(path + ":res=1280").remat == "block"
-    assert load_config_file(path).remat == "none"

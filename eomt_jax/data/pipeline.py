@@ -18,8 +18,7 @@ The iterator state (`TrainIterator.get_state()`, or `grain.checkpoint.Checkpoint
 an Orbax checkpoint) restores exactly the same next batches. It depends on the number of worker processes:
 resume with the same `num_workers`.
 
-Evaluation (`eval_dataset`): every image once, resized so the long side is S and zero-padded, with its
-original and resized size; the last batch is filled with `is_padding` rows instead of dropping images.
+Evaluation reads the source directly (`eomt_jax.evaluation.loop`): it needs each image at its original size.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eomt_jax.data.sources import Source
-from eomt_jax.data.transforms import TrainTransform, resize_and_pad
+from eomt_jax.data.transforms import TrainTransform
 
 TRAIN_KEYS = ("image", "masks", "labels", "valid", "is_crowd")
 
@@ -91,6 +90,13 @@ class TrainSettings:
     @classmethod
     def for_dataset(cls, name: str, **overrides) -> TrainSettings:
         return cls(**{**DATASET_DEFAULTS.get(name, {}), **overrides})
+
+    @classmethod
+    def from_config(cls, data, seed: int) -> TrainSettings:
+        """The settings of an experiment config's `data` section."""
+        return cls(image_size=data.image_size, batch_size=data.batch_size, max_instances=data.max_instances,
+                   seed=seed, scale_range=tuple(data.scale_range), color_jitter=data.color_jitter,
+                   num_workers=data.num_workers)
 
 
 def train_dataset(source: Source, settings: TrainSettings, *, process_index: int | None = None,
@@ -206,52 +212,3 @@ class TrainIterator:
         close = getattr(self.grain_iterator, "close", None)
         if close is not None:
             close()
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-class _PaddedIndex:
-    """Indices 0..n-1 of the source, then -1 (padding) up to a multiple of the global batch size."""
-
-    def __init__(self, n: int, multiple: int):
-        self.n, self.total = n, -(-n // multiple) * multiple
-
-    def __len__(self):
-        return self.total
-
-    def __getitem__(self, i):
-        return i if i < self.n else -1
-
-
-@dataclasses.dataclass(frozen=True)
-class _EvalLoad:
-    source: Source
-    image_size: int
-
-    def __call__(self, index: int) -> dict[str, Any]:
-        if index < 0:
-            return {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
-                    "orig_size": np.zeros(2, np.int32), "resized_size": np.zeros(2, np.int32),
-                    "index": np.int32(-1), "image_id": "", "is_padding": np.True_}
-        record = self.source[index]
-        image, resized = resize_and_pad(record["image"], self.image_size)
-        return {"image": image, "orig_size": np.asarray(record["image"].shape[:2], np.int32),
-                "resized_size": np.asarray(resized, np.int32), "index": np.int32(index),
-                "image_id": record["image_id"], "is_padding": np.False_}
-
-
-def eval_dataset(source: Source, *, image_size: int, batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None, num_threads: int = 2) -> grain.IterDataset:
-    """This process's evaluation batches: every image once, in source order, padded to full batches.
-
-    Rows: `image` uint8 (S, S, 3) (long side resized to S, zero-padded), `orig_size` / `resized_size` int32
-    (h, w), `index` (position in `source`, -1 for padding), `image_id`, `is_padding`. The evaluator reads the
-    original-resolution targets with `source[index]`.
-    """
-    index, count = _process(process_index, process_count)
-    if batch_size % count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
-    ds = grain.MapDataset.source(_PaddedIndex(len(source), batch_size))[index::count]
-    ds = ds.map(_EvalLoad(source, image_size))
-    return ds.batch(batch_size // count).to_iter_dataset(grain.ReadOptions(num_threads=num_threads))

@@ -47,7 +47,7 @@ def _stem(member: str) -> str:
     return os.path.splitext(os.path.basename(member))[0]
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
 
@@ -116,6 +116,16 @@ class Source(abc.ABC):
     def _load(self, entry: Any) -> Record:
         """One index entry -> a record."""
 
+    def category_id(self, label: int) -> int:
+        """The dataset's own category id of a contiguous label, as its annotation files write it (COCO's ids;
+        label + 1 for datasets without ids of their own)."""
+        to_label = getattr(self, "_id_to_label", None)
+        if not to_label:
+            return label + 1
+        if getattr(self, "_label_to_id", None) is None:
+            self._label_to_id = {lab: cat for cat, lab in to_label.items()}
+        return int(self._label_to_id.get(label, label + 1))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
 
@@ -148,7 +158,7 @@ class COCOPanoptic(Source):
     def __init__(self, root: str | os.PathLike, split: str, *, classes_from_json: bool = False,
                  images: Reader | None = None, pngs: Reader | None = None,
                  annotations: tuple[Reader, str] | None = None):
-        _check_split(split)
+        check_split(split)
         if annotations is None:
             ann_zip = ZipReader(os.path.join(root, "panoptic_annotations_trainval2017.zip"))
             annotations = (ann_zip, f"annotations/panoptic_{split}2017.json")
@@ -227,7 +237,7 @@ class COCOInstance(Source):
 
     def __init__(self, root: str | os.PathLike, split: str, *, classes_from_json: bool = False,
                  images: Reader | None = None, annotations: tuple[Reader, str] | None = None):
-        _check_split(split)
+        check_split(split)
         image_folder = ""
         if annotations is None:
             annotations = (ZipReader(os.path.join(root, "annotations_trainval2017.zip")),
@@ -332,7 +342,7 @@ class ADE20K(Source):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, panoptic: bool, check_empty_targets: bool = True):
-        _check_split(split)
+        check_split(split)
         folder = {"train": "training", "val": "validation"}[split]
         self._zip = ZipReader(os.path.join(root, "ADEChallengeData2016.zip"))
         self._instances = ZipReader(os.path.join(root, "annotations_instance.zip")) if panoptic else None
@@ -398,7 +408,7 @@ class Cityscapes(Source):
     """Cityscapes semantic (19 classes) from `leftImg8bit_trainvaltest.zip` and `gtFine_trainvaltest.zip`."""
 
     def __init__(self, root: str | os.PathLike, split: str, *, check_empty_targets: bool = True):
-        _check_split(split)
+        check_split(split)
         self._images = ZipReader(os.path.join(root, "leftImg8bit_trainvaltest.zip"))
         self._targets = ZipReader(os.path.join(root, "gtFine_trainvaltest.zip"))
         self.class_names, self.stuff_classes = list(classes.CITYSCAPES_NAMES), []
@@ -446,7 +456,7 @@ def coco_format(root: str | os.PathLike, split: str) -> Source:
         panoptic the segment PNGs in `panoptic_{split}/` or `panoptic_{split}.zip`.
     Panoptic categories with `isthing: 0` are the stuff classes.
     """
-    _check_split(split)
+    check_split(split)
     root = os.fspath(root)
     if os.path.isfile(os.path.join(root, "panoptic_annotations_trainval2017.zip")):
         return COCOPanoptic(root, split, classes_from_json=True)
@@ -466,28 +476,3 @@ def coco_format(root: str | os.PathLike, split: str) -> Source:
         return COCOPanoptic(root, split, classes_from_json=True, images=images,
                             pngs=_zip_or_folder(root, f"panoptic_{split}"), annotations=(folder, f"{split}.json"))
     return COCOInstance(root, split, classes_from_json=True, images=images, annotations=(folder, f"{split}.json"))
-
-
-def _tfds(root, split, **kwargs):
-    from eomt_jax.data.tfds_source import TFDSSource  # optional extra: imported only when asked for
-
-    return TFDSSource(root or None, split, **kwargs)
-
-
-SOURCES: dict[str, Callable[..., Source]] = {
-    "coco_panoptic": COCOPanoptic,
-    "coco_instance": COCOInstance,
-    "ade20k_panoptic": lambda root, split, **kw: ADE20K(root, split, panoptic=True, **kw),
-    "ade20k_semantic": lambda root, split, **kw: ADE20K(root, split, panoptic=False, **kw),
-    "cityscapes_semantic": Cityscapes,
-    "coco_format": coco_format,
-    "shapes": coco_format,  # the generated demo dataset (`python -m eomt_jax.data.synthetic --kind shapes`)
-    "tfds": _tfds,  # root = TFDS data_dir; builder="cityscapes/semantic_segmentation" or "scene_parse150"
-}
-
-
-def load_source(name: str, root: str | os.PathLike | None, split: str, **kwargs) -> Source:
-    """The data source `name` (one of `SOURCES`) for `split` ("train" or "val") of the dataset under `root`."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES)}")
-    return SOURCES[name](os.fspath(root) if root is not None else None, split, **kwargs)

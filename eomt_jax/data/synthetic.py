@@ -507,6 +507,38 @@ def generate(kind: str, out: str | os.PathLike, **kwargs) -> GroundTruth:
     return WRITERS[kind](os.fspath(out), **kwargs)
 
 
+def random_train_batch(data, num_classes: int, sharding, seed: int = 0) -> dict[str, Any]:
+    """One global training batch with the shapes of a config's `data` section (`eomt_jax.data.TRAIN_KEYS`), as
+    global arrays, for timing a train step without reading data: random images, one to eight random rectangles
+    per image in its first target slots, the other slots padding. Each process makes its own rows; the masks
+    are drawn on the devices, already sharded."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = data.batch_size // jax.process_count()
+    s, m = data.image_size, data.max_instances
+    rng = np.random.default_rng([seed, jax.process_index()])
+    valid = np.arange(m)[None] < rng.integers(1, min(m, 8) + 1, (rows, 1))
+    lo = rng.integers(0, s // 2, (rows, m, 2))
+    hi = lo + rng.integers(max(s // 16, 1), s // 2 + 1, (rows, m, 2))
+    host = {
+        "image": rng.integers(0, 256, (rows, s, s, 3), dtype=np.uint8),
+        "labels": rng.integers(0, num_classes, (rows, m)).astype(np.int32),
+        "valid": valid,
+        "is_crowd": np.zeros((rows, m), bool),
+        "boxes": np.concatenate([lo, hi], axis=-1).astype(np.int32),
+    }
+    batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
+
+    def rectangles(boxes, valid):
+        y, x = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+        b = boxes[..., None, None]
+        return (y >= b[:, :, 0]) & (y < b[:, :, 2]) & (x >= b[:, :, 1]) & (x < b[:, :, 3]) & valid[..., None, None]
+
+    batch["masks"] = jax.jit(rectangles, out_shardings=sharding)(batch.pop("boxes"), batch["valid"])
+    return batch
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", required=True, choices=sorted(WRITERS))

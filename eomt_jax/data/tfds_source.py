@@ -22,7 +22,7 @@ import numpy as np
 
 from eomt_jax.data import classes
 from eomt_jax.data.archives import DataError
-from eomt_jax.data.sources import Record, Source, _check_split, ade20k_instances, cityscapes_targets, make_record
+from eomt_jax.data.sources import Record, Source, check_split, ade20k_instances, cityscapes_targets, make_record
 
 _SPLITS = {"train": "train", "val": "validation"}
 
@@ -51,7 +51,7 @@ class TFDSSource(Source):
     """A prepared TFDS dataset read with `tfds.data_source`; see the module docstring for the builders."""
 
     def __init__(self, data_dir: str | None, split: str, *, builder: str):
-        _check_split(split)
+        check_split(split)
         if builder not in _BUILDERS:
             raise ValueError(f"unsupported TFDS builder {builder!r}; choose one of {sorted(_BUILDERS)}")
         try:

@@ -8,52 +8,27 @@ Both results are lists over prediction points, the final prediction last: K + 1 
 enabled (one prediction at the input of each of the last K blocks, plus the final one), otherwise 1. Mask logits
 are (B, Q, H/4, W/4) for patch 16 (the patch grid upsampled `num_upscale` times by 2), class logits (B, Q, C + 1)
 with index C meaning "no object".
+
+The modules here are the plain network; the CPU inference fast paths (attention in row chunks, banded upscaling,
+bf16 products with float32 accumulation) are in `kernels`, which the network calls at a few points.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eomt_jax.models.vit import DinoV2, cpu_inference_path, dot_general, gelu, layer_norm
+from eomt_jax.models import kernels
+from eomt_jax.models.layers import gelu
+from eomt_jax.models.vit import DinoV2, layer_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Rematerialisation of each transformer block (`config.remat`): what a block keeps for the backward pass; the rest
-# is recomputed from the block's input. "block" keeps nothing; "block_save_dots" keeps the outputs of the
-# matmuls without batch dimensions (qkv, attention projection, MLP), recomputing attention scores, softmax,
-# norms and GELU.
-REMAT_POLICIES = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def check_remat(name: str) -> None:
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"config.remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
-
-
-class Buffer(nnx.Variable):
-    """Non-trainable state that is saved with the model (the per-block masked-attention probabilities)."""
-
-
-_SIZES = {
-    # size: (embed_dim, depth, mlp_type, mlp_hidden, num_blocks K)
-    "S": (384, 12, "gelu", 1536, 3),
-    "B": (768, 12, "gelu", 3072, 3),
-    "L": (1024, 24, "gelu", 4096, 4),
-    # DINOv2-g: packed SwiGLU, fc1 1536 -> 8192 (gate | value), fc2 4096 -> 1536.
-    "g": (1536, 40, "swiglu", 8192, 5),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +105,16 @@ def _pair(x) -> tuple[int, int]:
     return x
 
 
+_SIZES = {
+    # size: (embed_dim, depth, mlp_type, mlp_hidden, num_blocks K)
+    "S": (384, 12, "gelu", 1536, 3),
+    "B": (768, 12, "gelu", 3072, 3),
+    "L": (1024, 24, "gelu", 4096, 4),
+    # DINOv2-g: packed SwiGLU, fc1 1536 -> 8192 (gate | value), fc2 4096 -> 1536.
+    "g": (1536, 40, "swiglu", 8192, 5),
+}
+
+
 def preset(size: str, *, num_classes: int, num_queries: int, image_size, **overrides) -> EoMTConfig:
     """The model-zoo architectures: size in S, B, L, g (patch 16, 4 registers, 64-wide heads)."""
     if size not in _SIZES:
@@ -152,139 +137,11 @@ def preset(size: str, *, num_classes: int, num_queries: int, image_size, **overr
     return EoMTConfig(**kw)
 
 
-class ConvTranspose2x2(nnx.Module):
-    """ConvTranspose with kernel 2 and stride 2; kernel laid out (kh, kw, in, out).
-
-    Kernel = stride makes the output 2x2 blocks disjoint, so it is a per-pixel matmul followed by a pixel shuffle.
-    """
-
-    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(dim * 4)
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (2, 2, dim, dim), param_dtype, -bound, bound))
-        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (dim,), param_dtype, -bound, bound))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, d = x.shape
-        kernel = self.kernel[...].astype(x.dtype)  # (a, c, in, out)
-        y = dot_general(x.reshape(-1, d), kernel.transpose(2, 0, 1, 3).reshape(d, -1), (((1,), (0,)), ((), ())))
-        # y: (b*h*w, a*c*out)
-        y = y.reshape(b, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)  # pixel shuffle
-        return y.reshape(b, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
-
-
-class DepthwiseConv3x3(nnx.Module):
-    """3x3 depthwise convolution, stride 1, zero padding 1, no bias; kernel (3, 3, 1, C) as Flax's grouped Conv.
-
-    Written as nine shifted multiply-adds: XLA's grouped convolution (and its gradient) is several times slower on
-    CPUs, and the shifted form is as fast as a fused elementwise kernel elsewhere.
-    """
-
-    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
-        bound = 1.0 / 3.0  # torch's default for a depthwise 3x3 (fan_in 9)
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (3, 3, 1, dim), param_dtype, -bound, bound))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.on_padded(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
-
-    def on_padded(self, padded: jax.Array) -> jax.Array:
-        """The convolution of an input zero-padded by one pixel on each side: (B, H+2, W+2, C) -> (B, H, W, C)."""
-        h, w = padded.shape[1] - 2, padded.shape[2] - 2
-        kernel = self.kernel[...].astype(padded.dtype)
-        out = jnp.zeros(padded.shape[:1] + (h, w) + padded.shape[3:], padded.dtype)
-        for i in range(3):
-            for j in range(3):
-                out = out + padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
-        return out
-
-
-class ScaleBlock(nnx.Module):
-    """2x upsampling of the patch features: ConvTranspose 2x2/2 -> exact GELU -> depthwise 3x3 (no bias) -> LN."""
-
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.conv1 = ConvTranspose2x2(dim, param_dtype=param_dtype, rngs=rngs)
-        self.conv2 = DepthwiseConv3x3(dim, param_dtype=param_dtype, rngs=rngs)
-        self.norm = layer_norm(dim, eps, dtype, param_dtype, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        graphdef, state = nnx.split((self.conv2, self.norm))
-        return _gelu_conv_norm(graphdef)(self.conv1(x), state)
-
-
-@functools.lru_cache(maxsize=None)
-def _gelu_conv_norm(graphdef) -> Callable:
-    """(x, state of (conv2, norm)) -> norm(conv2(gelu(x))); CPU inference runs it a band of rows at a time.
-
-    Differentiated, only x is kept for the backward pass, which recomputes the rest (elementwise work): kept, the
-    GELU's and LayerNorm's intermediates and the nine shifted copies of the depthwise convolution would be most of
-    a train step's activation memory, at the 4x-upscaled resolution, for each of the K + 1 outputs.
-    """
-
-    @jax.checkpoint
-    def whole(x, state):
-        conv, norm = nnx.merge(graphdef, state)
-        return norm(conv(gelu(x)))
-
-    def in_bands(x, state):
-        # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
-        # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic, except
-        # that a bfloat16 map's GELU and each band's convolution run in float32 (CPUs have no bf16 vector arithmetic:
-        # XLA:CPU would convert around each of the nine products); the map stays bf16 in memory (GELU's output
-        # rounded once, as the whole-map path stores it) and each band is rounded once, at the LayerNorm's output.
-        conv, norm = nnx.merge(graphdef, state)
-        compute = jnp.promote_types(x.dtype, jnp.float32)
-        x = gelu(x.astype(compute)).astype(x.dtype)
-        h = x.shape[1]
-        rows = max(r for r in range(1, 17) if h % r == 0)
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-        def band(i, out):
-            window = jax.lax.dynamic_slice_in_dim(padded, i * rows, rows + 2, axis=1).astype(compute)
-            y = norm(conv.on_padded(window)).astype(out.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(out, y, i * rows, axis=1)
-
-        # Bands overwrite x (dead once padded): no zero-filled output buffer to write first.
-        return jax.lax.fori_loop(0, h // rows, band, x.astype(norm.dtype or x.dtype))
-
-    return cpu_inference_path(in_bands, whole)
-
-
-def _mask_product_cpu(queries: jax.Array, feat: jax.Array) -> jax.Array:
-    # As one (B, Q, C) x (B, H*W, C) dot: XLA:CPU then reads the map in place instead of transposing it first.
-    b, h, w, c = feat.shape
-    return dot_general(queries, feat.reshape(b, h * w, c), (((2,), (2,)), ((0,), (0,)))).reshape(b, -1, h, w)
-
-
-def _mask_product_einsum(queries: jax.Array, feat: jax.Array) -> jax.Array:
-    # On TPUs this form needs less memory in a train step than the reshaped dot (EoMT-L 1280 on v5e: 2 GiB).
-    return jnp.einsum("bqc,bhwc->bqhw", queries, feat)
-
-
-# Mask logits (B, Q, H, W) of query embeddings (B, Q, C) and a feature map (B, H, W, C).
-_mask_product = cpu_inference_path(_mask_product_cpu, _mask_product_einsum)
-
-
-class MaskHead(nnx.Module):
-    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
-        self.fc2 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
-        self.fc3 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc3(gelu(self.fc2(gelu(self.fc1(x)))))
-
-
-def _torch_default_linear(d_in, d_out, dtype, param_dtype, rngs) -> nnx.Linear:
-    # New heads are initialised like a fresh torch.nn.Linear (uniform +-1/sqrt(fan_in)), as in the original training.
-    bound = 1.0 / math.sqrt(d_in)
-    uniform = lambda key, shape, dt=param_dtype: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
-    return nnx.Linear(
-        d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=uniform, bias_init=uniform,
-        dot_general=dot_general, rngs=rngs,
-    )
-
-
 class EoMT(nnx.Module):
+    """The network: a DINOv2 `backbone` whose last K blocks also see the learned queries `q`; `predict` reads class
+    logits off the queries (`class_head`) and mask logits off the queries (`mask_head`) and the `upscale`d patch
+    features."""
+
     def __init__(self, config: EoMTConfig, *, rngs: nnx.Rngs):
         self.config = config
         c = config
@@ -338,7 +195,7 @@ class EoMT(nnx.Module):
         feat = patches.reshape(b, gh, gw, d)
         for block in self.upscale:
             feat = block(feat)
-        return _mask_product(self.mask_head(q), feat), class_logits
+        return kernels.mask_product(self.mask_head(q), feat), class_logits
 
     def attention_mask(
         self,
@@ -438,6 +295,107 @@ class EoMT(nnx.Module):
         mask_out.append(mask_logits)
         class_out.append(class_logits)
         return mask_out, class_out
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state that is saved with the model (the per-block masked-attention probabilities)."""
+
+
+class MaskHead(nnx.Module):
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+        self.fc2 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+        self.fc3 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc3(gelu(self.fc2(gelu(self.fc1(x)))))
+
+
+def _torch_default_linear(d_in, d_out, dtype, param_dtype, rngs) -> nnx.Linear:
+    # New heads are initialised like a fresh torch.nn.Linear (uniform +-1/sqrt(fan_in)), as in the original training.
+    bound = 1.0 / math.sqrt(d_in)
+    uniform = lambda key, shape, dt=param_dtype: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
+    return nnx.Linear(
+        d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=uniform, bias_init=uniform,
+        dot_general=kernels.dot_general, rngs=rngs,
+    )
+
+
+class ScaleBlock(nnx.Module):
+    """2x upsampling of the patch features: ConvTranspose 2x2/2 -> exact GELU -> depthwise 3x3 (no bias) -> LN."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.conv1 = ConvTranspose2x2(dim, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = DepthwiseConv3x3(dim, param_dtype=param_dtype, rngs=rngs)
+        self.norm = layer_norm(dim, eps, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        graphdef, state = nnx.split((self.conv2, self.norm))
+        return kernels.gelu_conv_norm(graphdef)(self.conv1(x), state)
+
+
+class ConvTranspose2x2(nnx.Module):
+    """ConvTranspose with kernel 2 and stride 2; kernel laid out (kh, kw, in, out).
+
+    Kernel = stride makes the output 2x2 blocks disjoint, so it is a per-pixel matmul followed by a pixel shuffle.
+    """
+
+    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(dim * 4)
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (2, 2, dim, dim), param_dtype, -bound, bound))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (dim,), param_dtype, -bound, bound))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, d = x.shape
+        kernel = self.kernel[...].astype(x.dtype)  # (a, c, in, out)
+        y = kernels.dot_general(
+            x.reshape(-1, d), kernel.transpose(2, 0, 1, 3).reshape(d, -1), (((1,), (0,)), ((), ()))
+        )
+        # y: (b*h*w, a*c*out)
+        y = y.reshape(b, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)  # pixel shuffle
+        return y.reshape(b, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
+
+
+class DepthwiseConv3x3(nnx.Module):
+    """3x3 depthwise convolution, stride 1, zero padding 1, no bias; kernel (3, 3, 1, C) as Flax's grouped Conv.
+
+    Written as nine shifted multiply-adds: XLA's grouped convolution (and its gradient) is several times slower on
+    CPUs, and the shifted form is as fast as a fused elementwise kernel elsewhere.
+    """
+
+    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        bound = 1.0 / 3.0  # torch's default for a depthwise 3x3 (fan_in 9)
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (3, 3, 1, dim), param_dtype, -bound, bound))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.on_padded(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+    def on_padded(self, padded: jax.Array) -> jax.Array:
+        """The convolution of an input zero-padded by one pixel on each side: (B, H+2, W+2, C) -> (B, H, W, C)."""
+        h, w = padded.shape[1] - 2, padded.shape[2] - 2
+        kernel = self.kernel[...].astype(padded.dtype)
+        out = jnp.zeros(padded.shape[:1] + (h, w) + padded.shape[3:], padded.dtype)
+        for i in range(3):
+            for j in range(3):
+                out = out + padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
+        return out
+
+
+# Rematerialisation of each transformer block (`config.remat`): what a block keeps for the backward pass; the rest
+# is recomputed from the block's input. "block" keeps nothing; "block_save_dots" keeps the outputs of the
+# matmuls without batch dimensions (qkv, attention projection, MLP), recomputing attention scores, softmax,
+# norms and GELU.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: str) -> None:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"config.remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
 
 
 def _run_block(block: nnx.Module, x: jax.Array, mask: jax.Array | None, remat: str) -> jax.Array:

@@ -1,6 +1,6 @@
 import re
 
-from eomt_jax.data import benchmark, load_source, synthetic
+from eomt_jax.data import load_source, synthetic, throughput
 
 
 def test_generate_by_kind(tmp_path):
@@ -20,7 +20,7 @@ def test_synthetic_cli_writes_a_loadable_dataset(tmp_path, capsys):
 
 
 def test_benchmark_cli_reports_images_per_second(capsys):
-    benchmark.main(["--num-images", "3", "--image-size", "64", "--batch-size", "2", "--num-batches", "2",
+    throughput.main(["--num-images", "3", "--image-size", "64", "--batch-size", "2", "--num-batches", "2",
                     "--max-instances", "8"])
     out = capsys.readouterr().out
     assert re.search(r"coco_panoptic at 64px, batch 2.*: \d+\.\d images/s", out), out

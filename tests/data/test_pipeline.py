@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eomt_jax.data import load_source
-from eomt_jax.data.pipeline import TRAIN_KEYS, TrainIterator, TrainSettings, eval_dataset, train_dataset
+from eomt_jax.data.pipeline import TRAIN_KEYS, TrainIterator, TrainSettings, train_dataset
 
 # Unpacked masks: the raw numpy batches then show the batch contract directly.
 SETTINGS = TrainSettings(image_size=32, batch_size=8, max_instances=6, seed=7, scale_range=(0.5, 1.5),
@@ -104,23 +104,6 @@ def test_state_restore_with_worker_processes(shapes):
     got = take(fresh, 2)
     fresh.close()
     assert_batches_equal(got, expected)
-
-
-def test_eval_batches_cover_every_image_once(generated):
-    source = load_source("coco_panoptic", generated["coco_panoptic"][0], "val")
-    n = len(source)
-    rows = []
-    for p in (0, 1):
-        for batch in eval_dataset(source, image_size=40, batch_size=4, process_index=p, process_count=2):
-            assert batch["image"].shape == (2, 40, 40, 3)
-            rows += list(zip(batch["index"].tolist(), batch["is_padding"].tolist(), batch["orig_size"].tolist(),
-                             batch["resized_size"].tolist()))
-    assert len(rows) % 4 == 0 and len(rows) >= n
-    real = sorted(r for r in rows if not r[1])
-    assert [r[0] for r in real] == list(range(n))
-    assert all(r[0] == -1 for r in rows if r[1])
-    for index, _, orig, resized in real:
-        assert orig == list(source[index]["image"].shape[:2]) and max(resized) == 40
 
 
 def test_packed_masks_give_the_same_global_batch(shapes):

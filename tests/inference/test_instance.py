@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from eomt_jax.inference import postprocess, predict
+from eomt_jax.inference import pipeline, postprocess
 from tests.inference import reference
 from tests.inference.fakes import make_forward, random_image
 
@@ -83,7 +83,7 @@ def test_predict_instance_end_to_end():
     forward = make_forward(q, NUM_C, size, seed=2, num_outputs=1)
     rng = np.random.default_rng(8)
     images = [random_image(rng, h, w) for h, w in [(45, 30), (20, 33)]]
-    outs = predict.predict_instance(forward, images, size, top_k=10)
+    outs = pipeline.predict_instance(forward, images, size, top_k=10)
     mask_list, class_list = forward(np.stack([reference.letterbox(im, size)[0] for im in images]) / np.float32(255))
     for b, image in enumerate(images):
         resized = reference.letterbox(image, size)[1]

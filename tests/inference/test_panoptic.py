@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eomt_jax.inference import postprocess, predict
+from eomt_jax.inference import pipeline, postprocess
 from tests.inference import reference
 from tests.inference.fakes import make_forward, random_image
 
@@ -163,7 +163,7 @@ def test_predict_panoptic_end_to_end():
     forward = make_forward(q, NUM_C, size, seed=1)
     rng = np.random.default_rng(5)
     images = [random_image(rng, h, w) for h, w in [(40, 29), (23, 64), (32, 32)]]
-    outs = predict.predict_panoptic(forward, images, size, stuff_classes=STUFF, all_outputs=True)
+    outs = pipeline.predict_panoptic(forward, images, size, stuff_classes=STUFF, all_outputs=True)
     assert forward.calls == [3] and len(outs) == 2
     mask_list, class_list = forward(np.stack([reference.letterbox(im, size)[0] for im in images]) / np.float32(255))
     segments = 0
@@ -178,7 +178,7 @@ def test_predict_panoptic_end_to_end():
             assert (out[b] != want).any(-1).mean() <= 5e-3
             segments += len(np.unique(want[..., 1])) - 1
     assert segments > 3
-    last = predict.predict_panoptic(forward, images, size, stuff_classes=list(STUFF))  # a list is fine too
+    last = pipeline.predict_panoptic(forward, images, size, stuff_classes=list(STUFF))  # a list is fine too
     for a, b in zip(last, outs[-1]):
         np.testing.assert_array_equal(a, b)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eomt_jax.inference import predict, semantic
+from eomt_jax.inference import pipeline, semantic
 from tests.inference import reference
 from tests.inference.fakes import make_forward, random_image
 
@@ -43,7 +43,7 @@ def test_predict_semantic_matches_reference(shapes, num_windows):
     forward = make_forward(6, NUM_C, SIZE, seed=3)
     rng = np.random.default_rng(len(shapes[0]))
     images = [random_image(rng, h, w) for h, w in shapes]
-    ours = predict.predict_semantic(forward, images, SIZE, window_multiple=4)
+    ours = pipeline.predict_semantic(forward, images, SIZE, window_multiple=4)
     want, scores, windows = reference.semantic(forward, images, SIZE)
     assert windows == num_windows
     assert forward.calls[0] == 8  # one forward over all windows, padded to a multiple of 4
@@ -58,10 +58,10 @@ def test_every_prediction_point_and_no_recompilation():
     rng = np.random.default_rng(9)
     first = [random_image(rng, h, w) for h, w in [(30, 50), (60, 30)]]
     second = [random_image(rng, h, w) for h, w in [(31, 45), (50, 28)]]  # other sizes, same canvases
-    outs = predict.predict_semantic(forward, first, SIZE, all_outputs=True)
+    outs = pipeline.predict_semantic(forward, first, SIZE, all_outputs=True)
     assert len(outs) == 2 and not all((a == b).all() for a, b in zip(*outs))
     before = semantic.stitch_windows._cache_size()
-    predict.predict_semantic(forward, second, SIZE)
+    pipeline.predict_semantic(forward, second, SIZE)
     assert semantic.stitch_windows._cache_size() == before
 
 
@@ -83,4 +83,4 @@ def test_stitch_averages_overlaps():
 
 def test_non_square_image_size_is_refused():
     with pytest.raises(ValueError, match="square"):
-        predict.predict_semantic(make_forward(2, 2, SIZE), [np.zeros((8, 8, 3), np.uint8)], (32, 64))
+        pipeline.predict_semantic(make_forward(2, 2, SIZE), [np.zeros((8, 8, 3), np.uint8)], (32, 64))

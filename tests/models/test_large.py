@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from eomt_jax import pretrained
-from eomt_jax.conversion import main as convert_main
+from eomt_jax.conversion.cli import main as convert_main
 from eomt_jax.tree import flatten_paths
 from tests.models import oracle
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from eomt_jax import pretrained
-from eomt_jax.conversion import main as convert_main
+from eomt_jax.conversion.cli import main as convert_main
 from tests.models import oracle
 
 TOL = 1e-4

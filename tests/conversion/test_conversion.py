@@ -12,13 +12,8 @@ import torch
 from transformers import EomtConfig, EomtForUniversalSegmentation
 
 from eomt_jax import pretrained
-from eomt_jax.conversion import (
-    expected_shapes,
-    hf_eomt_to_official,
-    infer_config,
-    main as convert_main,
-    official_to_flat,
-)
+from eomt_jax.conversion import expected_shapes, hf_eomt_to_official, infer_config, official_to_flat
+from eomt_jax.conversion.cli import main as convert_main
 from tests.models import oracle
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """Throughput of the training input pipeline, in images per second.
 
-    python -m eomt_jax.data.benchmark [--dataset coco_panoptic --root DIR] [--num-workers 0] [--image-size 640]
+    python -m eomt_jax.data.throughput [--dataset coco_panoptic --root DIR] [--num-workers 0] [--image-size 640]
 
 Without `--root` it first generates COCO-panoptic-style data (640 x 480 images, up to 20 segments) in a
 temporary folder. The figure to compare with a training step is images/s per worker process: a GPU step of

@@ -79,3 +79,14 @@ def semantic_overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, al
                      ignore_index: int = 255) -> np.ndarray:
     colours = palette(max(num_classes, 1))[np.clip(labels, 0, max(num_classes - 1, 0))].astype(np.float32)
     return _blend(image, colours, (labels >= 0) & (labels < num_classes) & (labels != ignore_index), alpha)
+
+
+def overlay(task: str, image: np.ndarray, pred, class_names: Sequence[str]) -> np.ndarray:
+    """The overlay picture of one prediction of `eomt_jax.inference.pipeline.predict(task, ...)`."""
+    if task == "panoptic":
+        return panoptic_overlay(image, pred, class_names)
+    if task == "instance":
+        return instance_overlay(image, pred["masks"], pred["labels"], pred["scores"], class_names)
+    if task == "semantic":
+        return semantic_overlay(image, pred, len(class_names))
+    raise ValueError(f"task must be panoptic, instance or semantic, got {task!r}")

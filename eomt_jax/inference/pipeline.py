@@ -127,3 +127,20 @@ def predict_semantic(forward_fn: ForwardFn, images: Sequence[np.ndarray], image_
                 per_image.append(lab[:c.orig_hw[0], :c.orig_hw[1]])
         results.append(per_image)
     return results if all_outputs else results[0]
+
+
+def predict(task: str, forward_fn: ForwardFn, images: Sequence[np.ndarray], image_size, *,
+            stuff_classes: Sequence[int] = (), score_threshold: float = postprocess.SCORE_THRESHOLD,
+            overlap_threshold: float = postprocess.OVERLAP_THRESHOLD, top_k: int = postprocess.TOP_K,
+            all_outputs: bool = False):
+    """`predict_panoptic`, `predict_instance` or `predict_semantic`, chosen by `task`, with the settings that
+    apply to it (the thresholds to panoptic, `top_k` to instance)."""
+    if task == "panoptic":
+        return predict_panoptic(forward_fn, images, image_size, stuff_classes=stuff_classes,
+                                score_threshold=score_threshold, overlap_threshold=overlap_threshold,
+                                all_outputs=all_outputs)
+    if task == "instance":
+        return predict_instance(forward_fn, images, image_size, top_k=top_k, all_outputs=all_outputs)
+    if task == "semantic":
+        return predict_semantic(forward_fn, images, image_size, all_outputs=all_outputs)
+    raise ValueError(f"task must be panoptic, instance or semantic, got {task!r}")

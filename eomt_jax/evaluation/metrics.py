@@ -1,7 +1,7 @@
 """Streaming metrics for in-loop evaluation: PQ (COCO panopticapi rules), mIoU and instance AP (pycocotools).
 
 Each metric takes one image at a time: `update(prediction, record)` with the prediction from
-`eomt_jax.inference.predict` and the dataset record (masks, labels, is_crowd at the original resolution), and
+`eomt_jax.inference.pipeline` and the dataset record (masks, labels, is_crowd at the original resolution), and
 `compute()` returns percentages. In multi-process runs every process updates with its own images and
 `compute_global()` gathers the per-image statistics from all processes first.
 
@@ -13,27 +13,9 @@ overlap removed from the union; averages run over the classes that occur in the 
 
 from __future__ import annotations
 
-import pickle
-from typing import Any
-
 import numpy as np
 
-
-def _allgather_sum(array: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array)).sum(axis=0)
-
-
-def _allgather_objects(obj: Any) -> list[Any]:
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(pickle.dumps(obj), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size)))
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[: data.size] = data
-    gathered = np.asarray(multihost_utils.process_allgather(buf))
-    return [pickle.loads(gathered[i, : sizes[i]].tobytes()) for i in range(len(sizes))]
+from eomt_jax.distributed import allgather_objects, allgather_sum
 
 
 class PanopticQuality:
@@ -110,7 +92,7 @@ class PanopticQuality:
         return self._result(self.stats)
 
     def compute_global(self) -> dict[str, float]:
-        return self._result(_allgather_sum(self.stats))
+        return self._result(allgather_sum(self.stats))
 
 
 class MeanIoU:
@@ -136,7 +118,7 @@ class MeanIoU:
         return self._result(self.confusion)
 
     def compute_global(self) -> dict[str, float]:
-        return self._result(_allgather_sum(self.confusion))
+        return self._result(allgather_sum(self.confusion))
 
 
 class InstanceAP:
@@ -198,7 +180,7 @@ class InstanceAP:
         return self._result(self.images)
 
     def compute_global(self) -> dict[str, float]:
-        return self._result([im for part in _allgather_objects(self.images) for im in part])
+        return self._result([im for part in allgather_objects(self.images) for im in part])
 
 
 def make_metric(task: str, source):

@@ -9,7 +9,7 @@ import panopticapi.evaluation as panopticapi_eval
 from panopticapi.evaluation import pq_compute
 from PIL import Image
 
-from eomt_jax.eval_metrics import MeanIoU, PanopticQuality
+from eomt_jax.evaluation.metrics import MeanIoU, PanopticQuality
 
 C, STUFF = 6, [4, 5]
 

@@ -1,0 +1,55 @@
+"""A DINOv2 backbone as a training start: its weights resampled to the EoMT patch size and image grid, under a
+freshly initialised EoMT head (queries, class and mask heads, upscaler)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from eomt_jax.conversion.architecture import infer_config
+from eomt_jax.conversion.errors import ConversionError
+from eomt_jax.conversion.flax_layout import official_to_flat
+from eomt_jax.conversion.formats import BB, is_square
+from eomt_jax.conversion.resample import resample_patch_kernel
+from eomt_jax.models.eomt import EoMT, EoMTConfig
+from eomt_jax.models.vit import resample_pos_embed
+from eomt_jax.tree import flatten_paths
+
+
+def backbone_init(
+    sd: dict[str, np.ndarray], overrides: dict[str, Any], seed: int
+) -> tuple[dict[str, np.ndarray], EoMTConfig]:
+    """DINOv2 backbone (official names, native patch/grid) + fresh EoMT head, resampled to patch 16 (or
+    `overrides["patch_size"]`) and the requested image size; returns (Flax path -> array, model config)."""
+    required = ("num_classes", "num_queries", "num_blocks", "image_size")
+    absent = [k for k in required if k not in overrides]
+    if absent:
+        raise ConversionError(
+            f"a DINOv2 backbone carries no EoMT head; pass {', '.join(absent)} (e.g. with --config or --set)"
+        )
+    patch = int(overrides.get("patch_size", 16))
+    n_pos = sd[BB + "pos_embed"].shape[1]
+    if not is_square(n_pos):
+        raise ConversionError(f"DINOv2 pos_embed has {n_pos} positions, expected a square grid")
+    native_grid = int(round(math.sqrt(n_pos)))
+    sd[BB + "patch_embed.proj.weight"] = resample_patch_kernel(sd[BB + "patch_embed.proj.weight"], patch)
+    # Infer the backbone shape from the weights and take the head settings from the overrides.
+    probe = dict(sd)
+    probe["network.q.weight"] = np.zeros((overrides["num_queries"], 1), np.float32)
+    probe["network.class_head.weight"] = np.zeros((overrides["num_classes"] + 1, 1), np.float32)
+    grid_override = {k: v for k, v in overrides.items() if k != "image_size"}
+    config = infer_config(probe, None, {**grid_override, "image_size": native_grid * patch})
+    config = config.replace(image_size=overrides["image_size"])
+    pos = resample_pos_embed(sd[BB + "pos_embed"], (native_grid, native_grid), config.grid_size)
+    sd[BB + "pos_embed"] = np.asarray(pos)
+    fresh = EoMT(config, rngs=nnx.Rngs(seed))
+    _, state = nnx.split(fresh)
+    flat = {k: np.asarray(v) for k, v in flatten_paths(state).items()}
+    backbone = official_to_flat(
+        sd, {k: v.shape for k, v in flat.items() if k.startswith("backbone/")}
+    )
+    flat.update(backbone)
+    return flat, config

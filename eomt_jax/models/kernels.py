@@ -1,0 +1,247 @@
+"""CPU inference fast paths of the network, and its choice of attention implementation.
+
+The network modules (`vit`, `eomt`) call into this module through a few functions:
+
+- `attention(q, k, v, mask, impl)`: scaled dot-product attention, impl "plain" (einsum + softmax with float32
+  scores) or "fused" (`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPUs where the shapes allow, XLA
+  elsewhere);
+- `dot_general`: the matrix product of the dense layers (passed to `nnx.Linear`), the patch embedding and the
+  transposed convolutions;
+- `gelu_conv_norm(graphdef)`: GELU -> depthwise 3x3 convolution -> LayerNorm of an upscaling block;
+- `mask_product(queries, feat)`: the mask logits of query embeddings and a feature map.
+
+Each is defined by a whole-array reference program, the network as written. Some also have a faster CPU form of
+the same arithmetic: loops over chunks of rows that keep their working set in cache, and bf16 products handed to
+XLA:CPU with float32 accumulation. `cpu_inference_path` runs the fast form only on CPUs and only when the function
+is not differentiated: it is a `jax.custom_vjp` whose primal is a `jax.lax.platform_dependent` choice between the
+two forms, and whose forward and backward passes under differentiation are the reference's. Gradients, and every
+accelerator, therefore always see the whole-array reference program, so training, remat and `--mode=compile`'s
+memory report see the same program on CPUs as elsewhere. The fast forms differ from the reference by float rounding
+only (summation order, matmul blocking).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eomt_jax.models.layers import gelu
+
+
+def cpu_inference_path(fast: Callable, reference: Callable) -> Callable:
+    """A function equal to `reference` that runs `fast` instead on CPUs when it is not differentiated.
+
+    The CPU fast paths are loops that keep their working set in cache. Differentiated, a loop stacks its
+    per-iteration residuals into buffers that XLA:CPU copies and converts several times over (tens of GiB for an
+    EoMT-L train step), so gradients always come from `reference`: whenever the function is differentiated its
+    forward pass is `reference`'s, on every backend. Training, remat and `--mode=compile`'s memory report therefore
+    see the same program on CPUs as on accelerators. Arguments are arrays or pytrees of arrays (no closures over
+    traced values: pass parameters in).
+    """
+
+    @jax.custom_vjp
+    def fn(*args):
+        return jax.lax.platform_dependent(*args, cpu=fast, default=reference)
+
+    def fwd(*args):
+        return jax.vjp(reference, *args)  # (output, the reference's backward function as the residuals)
+
+    def bwd(vjp, cotangent):
+        return vjp(cotangent)
+
+    fn.defvjp(fwd, bwd)
+    return fn
+
+
+# -- matrix products ----------------------------------------------------------------------------------------------
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None,
+                **kwargs) -> jax.Array:
+    """`jax.lax.dot_general`, except that CPU inference multiplies bfloat16 operands with float32 accumulation
+    explicitly and rounds the product to bfloat16 once.
+
+    XLA:CPU hands only such dots to its matrix library's bf16 kernels (AMX or AVX512-BF16 on recent x86 CPUs,
+    several times the float32 rate); a bf16 -> bf16 dot takes a generic path slower than float32. Accelerators
+    accumulate bf16 products in float32 anyway, so they, and every differentiated use, run the plain dot.
+    """
+    def plain(lhs, rhs):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type, **kwargs)
+
+    if not (lhs.dtype == rhs.dtype == jnp.bfloat16 and preferred_element_type in (None, jnp.bfloat16)):
+        return plain(lhs, rhs)
+
+    def widened(lhs, rhs):
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32, **kwargs)
+        return out.astype(jnp.bfloat16)
+
+    return cpu_inference_path(widened, plain)(lhs, rhs)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: str = "plain") -> jax.Array:
+    """Scaled dot-product attention: the attended values, (B, N, heads, head_dim) like q, k and v.
+
+    mask: bool (B, N, N), True = may attend, or None.
+    impl "plain": einsum + softmax with scores and softmax in float32 whatever the activation dtype. CPU inference
+    processes the queries in row chunks (`plain_attention`), the same arithmetic per row.
+    impl "fused": `jax.nn.dot_product_attention`, which picks cuDNN's fused kernel on GPUs where the shapes
+    allow and falls back to XLA elsewhere.
+    """
+    if impl == "fused":
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None])
+    if impl != "plain":
+        raise ValueError(f"attention implementation must be 'plain' or 'fused', got {impl!r}")
+    # Heads next to batch, so that both dots are plain batched matmuls: with (B, N, H, D) operands XLA:CPU
+    # transposes the whole (B, H, N, N) probability matrix before the second dot.
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    return plain_attention(q, k, v, mask).transpose(0, 2, 1, 3)
+
+
+def whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The reference "plain" attention on (B, H, N, D) operands; mask: bool (B, N, N) or None."""
+    return _attend(q, k, v, None if mask is None else mask[:, None])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _exp_as(x: jax.Array, dtype) -> jax.Array:
+    """exp(x) rounded to `dtype`, differentiated through the rounded value: the backward pass keeps only that."""
+    return jnp.exp(x).astype(dtype)
+
+
+@_exp_as.defjvp
+def _exp_as_jvp(dtype, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _exp_as(x, dtype)
+    # Checkpointed, so that the widening of y happens in the backward pass and y itself is what is kept.
+    return y, jax.checkpoint(lambda y, dx: (y.astype(dx.dtype) * dx).astype(dtype))(y, dx)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """q: (..., Nq, D), k, v: (..., Nk, D), mask: bool broadcastable to (..., Nq, Nk) or None."""
+    # The scale is applied to q (N x D values, not N x N scores) and the softmax is normalised after the product
+    # with v (one pass less over the N x N matrix); mathematically the same softmax, float rounding apart.
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    scores = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        # No row is ever fully masked (queries always see queries, cls and registers), so a finite fill is safe.
+        # An additive bias rather than a select: differentiated, a select keeps an N x N value for its backward
+        # pass, an addition of a constant keeps nothing.
+        scores = scores + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+    # The row maximum only keeps exp in range; the result does not depend on it, so neither does the gradient.
+    # The weights are rounded to the activation dtype once and that copy serves both the product and the sum: it is
+    # the only N x N value a backward pass keeps (bf16 training keeps 2 bytes per score, not 2 + 4).
+    weights = _exp_as(scores - jax.lax.stop_gradient(scores).max(-1, keepdims=True), v.dtype)
+    out = jnp.einsum("...qk,...kd->...qd", weights, v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)).astype(v.dtype)
+
+
+# Most query rows (summed over the batch) per chunk on CPUs. A few chunks of about this size are faster than both
+# the whole score matrix (out of cache) and many smaller chunks (each chunk's loop step has a fixed cost).
+CPU_ATTENTION_CHUNK = 1024
+
+
+def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`_attend` on (B, H, N, D) one head and one chunk of query rows at a time (a loop, not a vmap).
+
+    The full (B, H, N, N) score matrix (62 MB for one 640x640 image with 6 heads) does not fit in a CPU cache, and
+    XLA:CPU streams it through memory once per softmax pass; a chunk's scores stay in cache. Each query row still
+    sees every key and gets the same exact softmax, so only the matmul blocking (float rounding) changes. This is
+    what PyTorch's CPU flash-attention kernel gains, without its online softmax. The batch stays a vectorised
+    dimension, so a batch-sharded input is never gathered.
+    """
+    b, h, n, d = q.shape
+    num = -(-(b * n) // CPU_ATTENTION_CHUNK)
+    rows = -(-n // num)  # equal chunks; the padded query rows are computed and dropped
+    num = -(-n // rows)
+    pad = num * rows - n
+    if mask is not None:
+        mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)
+
+    def head(j, out):
+        kj, vj = k[:, j], v[:, j]
+
+        def chunk(i, out):
+            m = None if mask is None else jax.lax.dynamic_slice_in_dim(mask, i * rows, rows, axis=1)
+            return out.at[:, j, i].set(_attend(out[:, j, i], kj, vj, m))
+
+        return jax.lax.fori_loop(0, num, chunk, out)
+
+    # Each chunk's result overwrites its queries: the loop needs no separate output buffer.
+    out = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, num, rows, d)
+    out = jax.lax.fori_loop(0, h, head, out)
+    return out.reshape(b, h, num * rows, d)[:, :, :n]
+
+
+# "plain" attention on (B, H, N, D) operands, mask bool (B, N, N) or None: `whole_attention`, which CPU inference
+# runs in row chunks.
+plain_attention = cpu_inference_path(_chunked_attention, whole_attention)
+
+
+# -- upscaling ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def gelu_conv_norm(graphdef) -> Callable:
+    """(x, state of (conv2, norm)) -> norm(conv2(gelu(x))); CPU inference runs it a band of rows at a time.
+
+    `graphdef` is that of the pair (depthwise 3x3 convolution with an `on_padded` method, LayerNorm) of an upscaling
+    block; the function is built once per graphdef.
+
+    Differentiated, only x is kept for the backward pass, which recomputes the rest (elementwise work): kept, the
+    GELU's and LayerNorm's intermediates and the nine shifted copies of the depthwise convolution would be most of
+    a train step's activation memory, at the 4x-upscaled resolution, for each of the K + 1 outputs.
+    """
+
+    @jax.checkpoint
+    def whole(x, state):
+        conv, norm = nnx.merge(graphdef, state)
+        return norm(conv(gelu(x)))
+
+    def in_bands(x, state):
+        # Whole-map, XLA:CPU's library fusion of the nine shifted multiply-adds with the LayerNorm materialises every
+        # shifted copy of the (B, H, W, C) map in memory first; a band's copies stay in cache. Same arithmetic, except
+        # that a bfloat16 map's GELU and each band's convolution run in float32 (CPUs have no bf16 vector arithmetic:
+        # XLA:CPU would convert around each of the nine products); the map stays bf16 in memory (GELU's output
+        # rounded once, as the whole-map path stores it) and each band is rounded once, at the LayerNorm's output.
+        conv, norm = nnx.merge(graphdef, state)
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        x = gelu(x.astype(compute)).astype(x.dtype)
+        h = x.shape[1]
+        rows = max(r for r in range(1, 17) if h % r == 0)
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+        def band(i, out):
+            window = jax.lax.dynamic_slice_in_dim(padded, i * rows, rows + 2, axis=1).astype(compute)
+            y = norm(conv.on_padded(window)).astype(out.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, i * rows, axis=1)
+
+        # Bands overwrite x (dead once padded): no zero-filled output buffer to write first.
+        return jax.lax.fori_loop(0, h // rows, band, x.astype(norm.dtype or x.dtype))
+
+    return cpu_inference_path(in_bands, whole)
+
+
+# -- mask logits --------------------------------------------------------------------------------------------------
+
+
+def _mask_product_cpu(queries: jax.Array, feat: jax.Array) -> jax.Array:
+    # As one (B, Q, C) x (B, H*W, C) dot: XLA:CPU then reads the map in place instead of transposing it first.
+    b, h, w, c = feat.shape
+    return dot_general(queries, feat.reshape(b, h * w, c), (((2,), (2,)), ((0,), (0,)))).reshape(b, -1, h, w)
+
+
+def _mask_product_einsum(queries: jax.Array, feat: jax.Array) -> jax.Array:
+    # On TPUs this form needs less memory in a train step than the reshaped dot.
+    return jnp.einsum("bqc,bhwc->bqhw", queries, feat)
+
+
+# Mask logits (B, Q, H, W) of query embeddings (B, Q, C) and a feature map (B, H, W, C).
+mask_product = cpu_inference_path(_mask_product_cpu, _mask_product_einsum)
