@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from eomt_jax.tree import path_str
 
 
 def make_mesh(spec: Sequence[Sequence], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -90,10 +93,6 @@ SHARDING_RULES = (
 
 def state_shardings(abstract_tree, mesh: Mesh, rules=SHARDING_RULES, min_size: int = 2**18):
     """NamedShardings for a tree of arrays / ShapeDtypeStructs (parameters, optimizer state, ...)."""
-    import re
-
-    from eomt_jax.tree import path_str
-
     compiled = [(re.compile(p), a) for p, a in rules]
     for _, action in compiled:
         if action not in ("fsdp", "replicate"):
