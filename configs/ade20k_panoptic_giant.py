@@ -7,6 +7,13 @@ Initialised, as published, from the COCO panoptic EoMT-g with a fresh class head
     python -m eomt_jax.main --config=configs/ade20k_panoptic_giant.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/coco_panoptic_eomt_giant_640 --config.load_class_head=False
 
+At 1280, as published, from the COCO panoptic model of the same size:
+
+    python convert/torch_to_flax.py --src coco_panoptic_eomt_giant_1280/pytorch_model.bin \
+        --dst checkpoints/coco_panoptic_eomt_giant_1280
+    python -m eomt_jax.main --config=configs/ade20k_panoptic_giant.py:res=1280 --workdir=W --config.data.root=DATA \
+        --config.init_from=checkpoints/coco_panoptic_eomt_giant_1280 --config.load_class_head=False
+
 Variants: `configs/ade20k_panoptic_giant.py:res=1280` (per-block remat on by default); `:runlocal` is a
 2-step smoke run of a tiny model on generated data. Evaluate a converted published checkpoint:
 

@@ -1,11 +1,19 @@
 """COCO instance: EoMT-L (DINOv2), instance segmentation.
 
-Initialised from DINOv2 (vit_large_patch14_reg4_dinov2.lvd142m), converted once:
+Initialised from DINOv2 (vit_large_patch14_reg4_dinov2.lvd142m), converted once per image size (the
+conversion resamples DINOv2's 37 x 37 position grid straight to the run's grid, as timm does):
 
     python convert/torch_to_flax.py --src timm/vit_large_patch14_reg4_dinov2.lvd142m \
         --dst checkpoints/dinov2_large_coco_instance_640 --config configs/coco_instance_large.py
     python -m eomt_jax.main --config=configs/coco_instance_large.py --workdir=W --config.data.root=DATA \
         --config.init_from=checkpoints/dinov2_large_coco_instance_640
+
+At 1280:
+
+    python convert/torch_to_flax.py --src timm/vit_large_patch14_reg4_dinov2.lvd142m \
+        --dst checkpoints/dinov2_large_coco_instance_1280 --config configs/coco_instance_large.py:res=1280
+    python -m eomt_jax.main --config=configs/coco_instance_large.py:res=1280 --workdir=W --config.data.root=DATA \
+        --config.init_from=checkpoints/dinov2_large_coco_instance_1280
 
 Variants: `configs/coco_instance_large.py:res=1280` (per-block remat on by default); `:runlocal` is a
 2-step smoke run of a tiny model on generated data. Evaluate a converted published checkpoint:

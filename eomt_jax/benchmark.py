@@ -41,7 +41,7 @@ import ml_collections
 
 from eomt_jax import config_lib, timing, torch_reference
 from eomt_jax import mesh as mesh_lib
-from eomt_jax.models.eomt import EoMTConfig, preset
+from eomt_jax.models.eomt import PRECISIONS, EoMTConfig, preset
 
 
 def build_config(args) -> EoMTConfig:
@@ -52,7 +52,7 @@ def build_config(args) -> EoMTConfig:
     else:
         cfg = preset(args.size, num_classes=args.num_classes, num_queries=args.num_queries,
                      image_size=args.image_size or 640)
-    return cfg.replace(dtype=args.dtype, param_dtype=args.dtype if args.dtype == "bfloat16" else "float32",
+    return cfg.with_precision(args.dtype).replace(param_dtype="bfloat16" if args.dtype == "bfloat16" else "float32",
                        attention=args.attention, masked_attn_enabled=False)
 
 
@@ -65,7 +65,7 @@ def train_config(args) -> ml_collections.ConfigDict:
         # The 12-epoch COCO schedule of configs/coco_panoptic_*.py, one phase per masked block; where the phases
         # lie does not change the cost of a step.
         k = preset(args.size, num_classes=args.num_classes, num_queries=args.num_queries, image_size=640).num_blocks
-        per_epoch = config_lib.STEPS_PER_EPOCH["coco"]
+        per_epoch = config_lib.STEPS_PER_EPOCH["coco_panoptic"]
         starts = tuple(round(per_epoch * (2 + 6 * j / max(k - 1, 1))) for j in range(k))
         size = args.image_size or 640
         config = config_lib.experiment(
@@ -88,7 +88,8 @@ def train_config(args) -> ml_collections.ConfigDict:
 
 def jax_line(res: dict[str, Any], tflops: float, mfu: float | None) -> str:
     return (f"jax     {res['images_per_s']:8.2f} img/s  median {res['ms_median']:8.1f} ms  p90 {res['ms_p90']:8.1f} ms"
-            f"  compile {res['compile_s']:.1f} s  {tflops:.2f} TFLOP/s" + (f"  MFU {100 * mfu:.1f}%" if mfu else "  MFU n/a"))
+            f"  compile {res['compile_s']:.1f} s  {tflops:.2f} TFLOP/s"
+            + (f"  MFU {100 * mfu:.1f}%" if mfu else "  MFU n/a"))
 
 
 def torch_line(res: dict[str, Any], details: str) -> str:
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mode", default="inference", choices=["inference", "train"])
     p.add_argument("--batch-size", type=int, default=0,
                    help="global batch (default: 1; --mode=train: config.data.batch_size)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="compute dtype (default: float32; --mode=train: the config's)")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS),
+                   help="precision policy (default: float32; --mode=train: the config's)")
     p.add_argument("--attention", choices=["plain", "fused"], help="(default: plain; --mode=train: the config's)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.attention = args.attention or "plain"
     cfg = build_config(args)
     res, model, images = timing.jax_inference(cfg, args.batch_size, args.steps, args.warmup)
-    peak = timing.device_peak(args.dtype)
+    peak = timing.device_peak("float32" if args.dtype == "float32" else "bfloat16")
     tflops = res["flops_per_step"] / (res["ms_median"] / 1e3) / 1e12
     report = {
         "device": jax.devices()[0].device_kind,
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def train_main(args) -> dict[str, Any]:
     config = train_config(args)
     res, cfg, mesh, batch = timing.jax_training(config, args.steps, args.warmup)
-    dtype = "bfloat16" if cfg.dtype == "bfloat16" else "float32"
-    peak = timing.device_peak(dtype)
+    dtype = cfg.precision
+    peak = timing.device_peak("float32" if dtype == "float32" else "bfloat16")
     tflops = res["flops_per_step"] / (res["ms_median"] / 1e3) / 1e12
     mfu = tflops / (peak * mesh.size) if peak else None
     b = config.data.batch_size

@@ -23,11 +23,30 @@ import ml_collections
 from eomt_jax import mesh as mesh_lib
 from eomt_jax import optim
 from eomt_jax.data.pipeline import DATASET_DEFAULTS
-from eomt_jax.models.eomt import EoMTConfig, preset
+from eomt_jax.models.eomt import PRECISIONS, EoMTConfig, preset
 
-# Optimizer steps per epoch at global batch 16 with drop_last (inferred from the original's annealing milestones
-# for COCO; dataset size // 16 for ADE20K and Cityscapes).
-STEPS_PER_EPOCH = {"coco": 7391, "ade20k": 1263, "cityscapes": 185}
+# Training images the original keeps per dataset: its datasets skip images without annotations (COCO instance:
+# 118,287 - 1,021). COCO panoptic's count is not published; its annealing milestones (multiples of 7,391) pin its
+# steps per epoch instead.
+TRAIN_IMAGES = {"coco_instance": 117_266, "ade20k_panoptic": 20_210, "ade20k_semantic": 20_210,
+                "cityscapes_semantic": 2_975}
+
+
+def original_steps_per_epoch(num_images: int, devices: int = 4, per_device: int = 4) -> int:
+    """Optimizer steps per epoch of the original's runs (4 GPUs x 4 images): the distributed sampler pads the
+    images to a multiple of the device count, each device then drops its last incomplete batch."""
+    return -(-num_images // devices) // per_device
+
+
+STEPS_PER_EPOCH = {
+    "coco_panoptic": 7391,
+    **{name: original_steps_per_epoch(n) for name, n in TRAIN_IMAGES.items()},
+}
+
+
+# The policy of `model.dtype="auto"` on GPUs and TPUs: the original's autocast arithmetic (see the README's precision
+# section for the measurements behind the choice).
+ACCELERATOR_PRECISION = "mixed_bfloat16"
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -99,8 +118,7 @@ def _experiment(
     anneal_ends: tuple[int, ...],
     eval_every_epochs: int = 1,
 ) -> ml_collections.ConfigDict:
-    family = dataset.split("_")[0]
-    steps_per_epoch = STEPS_PER_EPOCH[family]
+    steps_per_epoch = STEPS_PER_EPOCH[dataset]
     augment = DATASET_DEFAULTS[dataset]
     c = ml_collections.ConfigDict()
     c.task = task  # panoptic | instance | semantic
@@ -135,7 +153,9 @@ def _experiment(
     model = preset(size, num_classes=num_classes, num_queries=num_queries, image_size=image_size).to_dict()
     model["image_size"] = tuple(model["image_size"])
     c.model = ml_collections.ConfigDict(model)
-    c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; parameters stay float32
+    # Precision policy (PRECISIONS): auto = ACCELERATOR_PRECISION on GPU/TPU, float32 on CPU; parameters and
+    # optimizer state stay float32 whatever the policy.
+    c.model.dtype = "auto"
 
     c.anneal = ml_collections.ConfigDict()
     c.anneal.starts = tuple(anneal_starts)
@@ -214,13 +234,19 @@ def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Confi
 def model_config(config, platform: str | None = None) -> EoMTConfig:
     """The network architecture from a config's `model` section.
 
-    `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend) resolves `dtype="auto"`.
+    `model.dtype` is a precision policy (`eomt_jax.models.eomt.PRECISIONS`: float32, bfloat16, mixed_bfloat16) or
+    "auto": float32 on CPUs, `ACCELERATOR_PRECISION` on GPUs and TPUs; `platform` ("cpu", "gpu", "tpu"; default:
+    JAX's default backend) resolves "auto".
     """
     d = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     d["image_size"] = tuple(d["image_size"])
-    if d.get("dtype") == "auto":
-        d["dtype"] = "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
-    return EoMTConfig.from_dict(d)
+    precision = d.pop("dtype", "float32")
+    if precision == "auto":
+        precision = "float32" if (platform or jax.default_backend()) == "cpu" else ACCELERATOR_PRECISION
+    if precision not in PRECISIONS:
+        raise ValueError(f"config.model.dtype must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
+    d.pop("matmul_dtype", None)  # set by the policy
+    return EoMTConfig.from_dict(d).with_precision(precision)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir) -> Path:

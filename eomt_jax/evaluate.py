@@ -6,10 +6,11 @@
     python -m eomt_jax.evaluate semantic --gt-dir gt/ --pred-dir pred/ --num-classes 150 [--ignore-index 255] \\
         [--label-offset K]
 
-The last line on stdout is one JSON object with the metrics in percent: panoptic PQ/SQ/RQ (all, things, stuff)
-with the COCO panopticapi rules, instance AP/AP50/AP75/APs/APm/APl with pycocotools `COCOeval(iouType="segm")`
-(areas from the annotation file, the official protocol), semantic mIoU and pixel accuracy. `--per-class FILE`
-writes the per-class table as JSON. Folders may also be zip files.
+The last line on stdout is one JSON object with the metrics in percent: panoptic PQ/SQ/RQ (all, things, stuff) with
+the COCO panopticapi rules, instance AP/AP50/AP75/APs/APm/APl with pycocotools `COCOeval(iouType="segm")` (areas
+from the annotation file, the official protocol), semantic mIoU and pixel accuracy. A figure with nothing to score
+against (AP of large objects when there are none) is null, not 0. `--per-class FILE` writes the per-class table as
+JSON. Folders may also be zip files.
 """
 
 from __future__ import annotations

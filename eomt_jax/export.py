@@ -22,7 +22,7 @@ from jax import export
 
 from eomt_jax import pretrained
 from eomt_jax.atomic import write_file
-from eomt_jax.models.eomt import EoMT
+from eomt_jax.models.eomt import PRECISIONS, EoMT
 
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="converted checkpoint directory")
     p.add_argument("--image-size", type=int, default=0, help="square input size (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--dtype", default=None, choices=sorted(PRECISIONS),
+                   help="precision policy (default: the checkpoint's, float32)")
     p.add_argument("--platforms", help="comma-separated backends the file must run on, e.g. cpu,cuda,tpu (default: "
                                        "this machine's); no accelerator is needed to export for one")
     p.add_argument("--fixed-batch", action="store_true", help="export for batch 1 instead of a symbolic batch")

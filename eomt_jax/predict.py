@@ -27,6 +27,7 @@ from eomt_jax.inference.formats import PredictionWriter
 from eomt_jax.inference.forward import make_forward
 from eomt_jax.inference.overlays import overlay
 from eomt_jax.inference.pipeline import predict
+from eomt_jax.models.eomt import PRECISIONS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="output folder (created; must not exist unless --overwrite)")
     p.add_argument("--dataset", help="class names of this dataset when the checkpoint carries none")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="compute dtype (default: the checkpoint's, float32); bfloat16 runs faster on accelerators and "
-                        "on CPUs with bf16 matrix units (AMX), at bf16 accuracy")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS),
+                   help="precision policy (default: the checkpoint's, float32); mixed_bfloat16 computes as the "
+                        "original's autocast; bfloat16 runs fastest on accelerators and on CPUs with bf16 matrix units "
+                        "(AMX), at bf16 accuracy")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:

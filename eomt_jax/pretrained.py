@@ -29,6 +29,9 @@ from eomt_jax.tree import flatten_paths, set_from_flat, unflatten
 
 CONFIG_FILE = "eomt_config.json"
 PARAMS_DIR = "params"
+# A backbone conversion keeps the backbone's own position embedding (its native grid, before resampling to the
+# image size), so that a run at another image size resamples once from it, as timm does, not twice.
+SOURCE_POS_EMBED = "source_pos_embed.npy"
 
 
 def write(
@@ -39,11 +42,14 @@ def write(
     metadata: dict[str, Any] | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
+    source_pos_embed: np.ndarray | None = None,
 ) -> Path:
     """Write parameters (Orbax) + model hyper-parameters (JSON) into `dst`, atomically.
 
-    `flat` maps Flax paths ('a/b/c') to arrays. Everything is written into a temporary sibling directory that is
-    renamed into place only when complete, so an interrupted conversion never leaves a partial `dst`.
+    `flat` maps Flax paths ('a/b/c') to arrays; `source_pos_embed` (1, gh * gw, D) on a square grid is the
+    backbone's position embedding before resampling (`SOURCE_POS_EMBED`). Everything is written into a temporary
+    sibling directory that is renamed into place only when complete, so an interrupted conversion never leaves a
+    partial `dst`.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -56,6 +62,10 @@ def write(
         ckptr.save(tmp / PARAMS_DIR, unflatten(params))
         ckptr.wait_until_finished()
         meta = {"model": config.replace(param_dtype=dtype).to_dict(), **(metadata or {})}
+        if source_pos_embed is not None:
+            np.save(tmp / SOURCE_POS_EMBED, np.asarray(source_pos_embed, np.float32))
+            side = int(round(np.sqrt(source_pos_embed.shape[1])))
+            meta["source_pos_embed_grid"] = [side, side]
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return dst
 
@@ -83,7 +93,8 @@ def load(
 
     Masked attention is off by default, as in every published evaluation; turn it on to reproduce training-time
     validation (the stored per-block probabilities are then used).
-    `dtype` sets the compute dtype (e.g. "bfloat16"); `param_dtype` casts the stored parameters; `attention`
+    `dtype` sets the precision policy (`eomt_jax.models.eomt.PRECISIONS`: "float32", "bfloat16" or
+    "mixed_bfloat16"); `param_dtype` casts the stored parameters; `attention`
     picks the attention implementation ("plain" or "fused").
     """
     path = Path(path).absolute()
@@ -92,10 +103,11 @@ def load(
     stored_dtype = config.param_dtype
     config = config.replace(
         masked_attn_enabled=masked_attn_enabled,
-        dtype=dtype or config.dtype,
         param_dtype=param_dtype or stored_dtype,
         attention=attention or config.attention,
     )
+    if dtype:
+        config = config.with_precision(dtype)
     abstract = nnx.eval_shape(lambda: EoMT(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shapes = flatten_paths(state)
@@ -117,30 +129,43 @@ def load(
     return nnx.merge(graphdef, state)
 
 
-def overlay(params: nnx.State, path: str | Path, config: EoMTConfig, load_class_head: bool = True) -> nnx.State:
-    """`params` (a network's parameter state for `config`) with the values of the converted checkpoint `path`:
-    an EoMT, or a DINOv2 backbone with a fresh head. The position embedding is resampled when the checkpoint's grid
-    differs; with `load_class_head=False` the class head keeps its values in `params` (fine-tuning on other
+def load_into(params: nnx.State, buffers: nnx.State, path: str | Path, config: EoMTConfig,
+              load_class_head: bool = True) -> tuple[nnx.State, nnx.State]:
+    """A network's parameter and buffer states (for `config`) with the values of the converted checkpoint `path`:
+    an EoMT, or a DINOv2 backbone with a fresh head; the stored buffers (the per-block masked-attention
+    probabilities) come with the parameters. The position embedding is resampled when the checkpoint's grid
+    differs (from the backbone's own grid when the checkpoint carries it, `SOURCE_POS_EMBED`); with
+    `load_class_head=False` the class head keeps its values in `params` (fine-tuning on other
     classes). Any parameter that does not fit is an error naming it."""
     source = load(path)
-    _, source_params, _ = nnx.split(source, nnx.Param, Buffer)
+    _, source_params, source_buffers = nnx.split(source, nnx.Param, Buffer)
     flat = flatten_paths(source_params)
     own = flatten_paths(params)
     if not load_class_head:
         flat = {k: v for k, v in flat.items() if not k.startswith("class_head/")}
     if source.config.grid_size != config.grid_size and "backbone/pos_embed" in flat:
-        flat["backbone/pos_embed"] = resample_pos_embed(flat["backbone/pos_embed"], source.config.grid_size,
-                                                        config.grid_size)
+        grid, pos = source.config.grid_size, flat["backbone/pos_embed"]
+        meta = read_metadata(path)
+        if (Path(path) / SOURCE_POS_EMBED).exists() and "source_pos_embed_grid" in meta:
+            # Resample the backbone's own grid once (e.g. DINOv2's 37 x 37 straight to 80 x 80 for 1280 px).
+            grid, pos = tuple(meta["source_pos_embed_grid"]), np.load(Path(path) / SOURCE_POS_EMBED)
+        flat["backbone/pos_embed"] = resample_pos_embed(pos, grid, config.grid_size)
+    stored, own_buffers = flatten_paths(source_buffers), flatten_paths(buffers)
     problems = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in flat.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(mine[k].shape)}"
+        for checkpoint, mine in ((flat, own), (stored, own_buffers))
+        for k, v in checkpoint.items()
+        if k in mine and tuple(v.shape) != tuple(mine[k].shape)
     ]
-    unknown = sorted(set(flat) - set(own))
+    unknown = sorted(set(flat) - set(own)) + sorted(set(stored) - set(own_buffers))
     if problems or unknown:
         raise ValueError(
-            f"{path} does not fit the configured model:\n  " + "\n  ".join(problems + [f"unexpected {k}" for k in unknown])
+            f"{path} does not fit the configured model:\n  "
+            + "\n  ".join(problems + [f"unexpected {k}" for k in unknown])
             + ("\n(use --config.load_class_head=False to fine-tune on other classes)" if problems else "")
         )
-    merged = {k: jnp.asarray(flat[k], own[k].dtype) if k in flat else own[k] for k in own}
-    return set_from_flat(params, merged)
+
+    def merged(checkpoint, mine):
+        return {k: jnp.asarray(checkpoint[k], mine[k].dtype) if k in checkpoint else mine[k] for k in mine}
+
+    return set_from_flat(params, merged(flat, own)), set_from_flat(buffers, merged(stored, own_buffers))

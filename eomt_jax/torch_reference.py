@@ -11,7 +11,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -101,7 +100,7 @@ def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, com
     pixel = torch_pixels(images, device)
     # Like for like: a bfloat16 network on our side (bf16 weights and products) is PyTorch's bf16 autocast on its
     # side (weights rounded to bf16 for each product; softmax and normalisations in float32 on both sides).
-    bf16 = jnp.dtype(c.dtype) == jnp.bfloat16
+    bf16 = c.precision != "float32"
 
     def run(f):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -141,7 +140,7 @@ def torch_training(config: ml_collections.ConfigDict, cfg: EoMTConfig, batch: di
     valid = host["valid"]
     mask_labels = [torch.from_numpy(host["masks"][i][valid[i]]).float().to(device) for i in range(len(valid))]
     class_labels = [torch.from_numpy(host["labels"][i][valid[i]]).long().to(device) for i in range(len(valid))]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision != "float32")
 
     def forward(fn):
         with autocast:

@@ -62,8 +62,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
         state = setup.new_state(config.seed)
         if config.init_from:
             log.info("initialising from %s", config.init_from)
-            params = pretrained.overlay(state["params"], config.init_from, cfg, config.load_class_head)
+            params, buffers = pretrained.load_into(state["params"], state["buffers"], config.init_from, cfg,
+                                                   config.load_class_head)
             state["params"] = jax.device_put(params, setup.state_sharding["params"])
+            state["buffers"] = jax.device_put(buffers, setup.state_sharding["buffers"])
             state["opt"] = setup.init_optimizer(state["params"])
         start = 0
 

@@ -31,7 +31,7 @@ from eomt_jax.conversion.architecture import infer_config
 from eomt_jax.conversion.backbone_init import backbone_init
 from eomt_jax.conversion.errors import ConversionError
 from eomt_jax.conversion.flax_layout import expected_shapes, official_to_flat
-from eomt_jax.conversion.formats import detect_format, dinov2_to_official, hf_eomt_to_official
+from eomt_jax.conversion.formats import detect_format, dinov2_to_official, hf_eomt_to_official, source_names
 from eomt_jax.conversion.reading import read_state_dict
 from eomt_jax.conversion.resample import resample_patch_kernel
 from eomt_jax.models.eomt import EoMTConfig
@@ -57,11 +57,14 @@ def convert(
     fmt = detect_format(sd)
     if fmt == "hf_eomt":
         sd = hf_eomt_to_official(sd)
+    native_pos = None
     if fmt in ("timm_dinov2", "hf_dinov2"):
-        flat, config = backbone_init(dinov2_to_official(sd, fmt), overrides or {}, seed)
+        flat, config, native_pos = backbone_init(dinov2_to_official(sd, fmt), overrides or {}, seed,
+                                                 source_names(fmt))
     else:
         config = infer_config(sd, hf_config, overrides)
-        flat = official_to_flat(sd, expected_shapes(config))
+        flat = official_to_flat(sd, expected_shapes(config), source_names(fmt))
     meta = {"source": str(src), "source_format": fmt, **(metadata or {})}
-    out = pretrained.write(dst, flat, config, metadata=meta, dtype=dtype, overwrite=overwrite)
+    out = pretrained.write(dst, flat, config, metadata=meta, dtype=dtype, overwrite=overwrite,
+                           source_pos_embed=native_pos)
     return out, config

@@ -4,7 +4,7 @@ freshly initialised EoMT head (queries, class and mask heads, upscaler)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flax import nnx
@@ -20,10 +20,12 @@ from eomt_jax.tree import flatten_paths
 
 
 def backbone_init(
-    sd: dict[str, np.ndarray], overrides: dict[str, Any], seed: int
-) -> tuple[dict[str, np.ndarray], EoMTConfig]:
+    sd: dict[str, np.ndarray], overrides: dict[str, Any], seed: int,
+    source_name: Callable[[str], str] = lambda key: key,
+) -> tuple[dict[str, np.ndarray], EoMTConfig, np.ndarray]:
     """DINOv2 backbone (official names, native patch/grid) + fresh EoMT head, resampled to patch 16 (or
-    `overrides["patch_size"]`) and the requested image size; returns (Flax path -> array, model config)."""
+    `overrides["patch_size"]`) and the requested image size; returns (Flax path -> array, model config, the
+    backbone's position embedding on its native grid)."""
     required = ("num_classes", "num_queries", "num_blocks", "image_size")
     absent = [k for k in required if k not in overrides]
     if absent:
@@ -43,13 +45,12 @@ def backbone_init(
     grid_override = {k: v for k, v in overrides.items() if k != "image_size"}
     config = infer_config(probe, None, {**grid_override, "image_size": native_grid * patch})
     config = config.replace(image_size=overrides["image_size"])
-    pos = resample_pos_embed(sd[BB + "pos_embed"], (native_grid, native_grid), config.grid_size)
+    native_pos = np.asarray(sd[BB + "pos_embed"], np.float32)
+    pos = resample_pos_embed(native_pos, (native_grid, native_grid), config.grid_size)
     sd[BB + "pos_embed"] = np.asarray(pos)
     fresh = EoMT(config, rngs=nnx.Rngs(seed))
     _, state = nnx.split(fresh)
     flat = {k: np.asarray(v) for k, v in flatten_paths(state).items()}
-    backbone = official_to_flat(
-        sd, {k: v.shape for k, v in flat.items() if k.startswith("backbone/")}
-    )
+    backbone = official_to_flat(sd, {k: v.shape for k, v in flat.items() if k.startswith("backbone/")}, source_name)
     flat.update(backbone)
-    return flat, config
+    return flat, config, native_pos

@@ -41,7 +41,7 @@ def _model_overrides(config_spec: str | None, sets: list[str]) -> dict[str, Any]
         except (ValueError, SyntaxError):
             out[key] = value
     # Runtime switches are not architecture: never let them make a cross-check fail.
-    for k in ("masked_attn_enabled", "dtype", "param_dtype", "attention"):
+    for k in ("masked_attn_enabled", "dtype", "param_dtype", "attention", "matmul_dtype"):
         out.pop(k, None)
     return out
 

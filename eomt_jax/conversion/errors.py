@@ -1,4 +1,4 @@
-"""How a conversion fails: `ConversionError`, and the one report that lists every unknown, missing and mis-shaped key."""
+"""How a conversion fails: `ConversionError`, and the one report listing every unknown, missing and mis-shaped key."""
 
 from __future__ import annotations
 

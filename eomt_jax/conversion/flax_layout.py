@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from eomt_jax.conversion.errors import ConversionError, problem_report
-from eomt_jax.conversion.formats import BB
+from eomt_jax.conversion.formats import BB, invert_rename
 from eomt_jax.models.eomt import IMAGENET_MEAN, IMAGENET_STD, EoMT, EoMTConfig
 from eomt_jax.tree import flatten_paths
 
@@ -63,10 +63,12 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
 ]
 
 
-def official_to_flat(sd: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def official_to_flat(sd: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                     source_name: Callable[[str], str] = lambda key: key) -> dict[str, np.ndarray]:
     """Map official-named tensors onto Flax paths ('a/b/c'), checking every key and shape against `expected`.
 
-    Collects every unknown key, missing key and shape mismatch, then raises once.
+    Collects every unknown key, missing key and shape mismatch, then raises once; every key is named as the
+    source names it (`source_name` of its official name), a missing one with its Flax path in brackets.
     """
     sd = dict(sd)
     # Loss-only buffer, regenerated from the loss config at training time.
@@ -91,17 +93,27 @@ def official_to_flat(sd: dict[str, np.ndarray], expected: dict[str, tuple[int, .
                 flat[path] = fn(value)
                 break
         else:
-            unknown.append(key)
+            unknown.append(source_name(key))
             continue
         if path not in expected:
-            unknown.append(key)
+            unknown.append(source_name(key))
             del flat[path]
         elif flat[path].shape != tuple(expected[path]):
-            shapes.append(f"{key}: shape {tuple(value.shape)} maps to {flat[path].shape}, expected {tuple(expected[path])}")
-    missing = [p for p in expected if p not in flat]
+            shapes.append(f"{source_name(key)}: shape {tuple(value.shape)} maps to {flat[path].shape}, expected "
+                          f"{tuple(expected[path])}")
+    missing = [f"{source_name(official_name(p) or p)} ({p})" for p in expected if p not in flat]
     if unknown or missing or shapes:
         raise ConversionError(problem_report(unknown=unknown, missing=missing, shapes=shapes))
     return flat
+
+
+def official_name(path: str) -> str | None:
+    """The official key that maps onto the Flax path `path`, or None."""
+    for pattern, template, _ in _RULES:
+        key = invert_rename(pattern, template, path)
+        if key is not None:
+            return key
+    return None
 
 
 def expected_shapes(config: EoMTConfig) -> dict[str, tuple[int, ...]]:

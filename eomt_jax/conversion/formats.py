@@ -204,3 +204,55 @@ def dinov2_to_official(sd: dict[str, np.ndarray], fmt: str) -> dict[str, np.ndar
 def is_square(n: int) -> bool:
     r = int(round(math.sqrt(n)))
     return r * r == n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official names back to the source's own names, for error messages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def invert_rename(pattern: str, template: str, name: str) -> str | None:
+    """The key that the rename rule (`pattern` over source keys, `template` with \\N group references) turns into
+    `name`, or None when the rule cannot produce `name`. Patterns hold plain, unnested groups."""
+    literal = re.split(r"\\(\d)", template)  # literal, group number, literal, ...
+    regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<g{part}>.+?)" for i, part in enumerate(literal))
+    m = re.fullmatch(regex, name)
+    if m is None:
+        return None
+    key, group, i = [], 0, 0
+    body = pattern.removeprefix("^").removesuffix("$")
+    while i < len(body):
+        if body[i] == "\\":
+            key.append(body[i + 1])
+            i += 2
+        elif body[i] == "(":
+            group += 1
+            key.append(m.group(f"g{group}") if f"g{group}" in m.groupdict() else "")
+            i = body.index(")", i) + 1
+        else:
+            key.append(body[i])
+            i += 1
+    candidate = "".join(key)
+    ok = re.fullmatch(body, candidate) and re.sub(f"^{body}$", template, candidate) == name
+    return candidate if ok else None
+
+
+def source_names(fmt: str) -> Callable[[str], str]:
+    """official name -> the name the `fmt` checkpoint gives it (the official name itself for official files)."""
+    renames = {"hf_eomt": _HF_RENAMES, "timm_dinov2": _TIMM_DINO_RENAMES, "hf_dinov2": _HF_DINO_RENAMES}.get(fmt)
+    fused = {"hf_eomt": r"layers.\1.attention.{q,k,v}_proj.\2",
+             "hf_dinov2": r"encoder.layer.\1.attention.attention.{query,key,value}.\2"}.get(fmt)
+
+    def name(official: str) -> str:
+        if renames is None:
+            return official
+        m = re.fullmatch(re.escape(BB) + r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", official)
+        if m and fused:  # stored as three projections
+            return m.expand(fused)
+        for pattern, template in renames:
+            key = invert_rename(pattern, template, official)
+            if key is not None:
+                return key
+        return official
+
+    return name

@@ -109,7 +109,8 @@ def apply_color_jitter(image: np.ndarray, ops: list[tuple[str, float]]) -> np.nd
         if op == "brightness":
             img = _blend(img, 0.0, factor)
         elif op == "contrast":
-            img = _blend(img, np.floor(_grey(img).mean()), factor)
+            # torchvision blends around the mean of the (truncated) greyscale image, the mean itself unrounded.
+            img = _blend(img, _grey(img).mean(), factor)
         elif op == "saturation":
             img = _blend(img, _grey(img), factor)
         else:

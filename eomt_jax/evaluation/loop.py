@@ -5,7 +5,8 @@ checkpoint `config.init_from`. `evaluate(...)` is the loop itself, also called b
 
 Every process predicts its slice of the images (`[process_index::process_count]`); the per-image statistics are
 gathered and the metrics computed on process 0, which also writes `eval_metrics.json` (or
-`eval_metrics_<step>.json` during training) and overlay pictures of the first images into the workdir.
+`eval_metrics_<step>.json` during training) and overlay pictures of the first images into the workdir. A metric
+that is undefined on the evaluated images (AP of large objects when there are none) is JSON null, printed "n/a".
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ log = logging.getLogger("eomt_jax")
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """`--mode=eval`: the workdir's latest checkpoint (just the network, whatever the optimizer was), else the
-    converted checkpoint `config.init_from`."""
+    converted checkpoint `config.init_from`; either way with its stored buffers (the masked-attention
+    probabilities, which `config.eval.masked_attn=True` uses)."""
     workdir = config_lib.prepare_workdir(config, workdir)
     root = data_lib.dataset_root(config.data, workdir)
     cfg = config_lib.model_config(config)
@@ -48,7 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         params, buffers = checkpoints.restore_network(workdir / "checkpoints", latest, params, buffers)
         log.info("evaluating the checkpoint of step %d in %s", latest, workdir)
     elif config.init_from:
-        params = pretrained.overlay(params, config.init_from, cfg, load_class_head=True)
+        params, buffers = pretrained.load_into(params, buffers, config.init_from, cfg)
         log.info("evaluating %s", config.init_from)
     else:
         raise ValueError(f"--mode=eval needs a checkpoint: {workdir} holds none, and --config.init_from is empty")
@@ -101,11 +103,12 @@ def evaluate(config: ml_collections.ConfigDict, model, root, workdir, step: int 
     names = [f"_block_{j - (num_outputs - 1)}" for j in range(num_outputs - 1)] + [""]
     for name, metric in zip(names, metrics):
         values = metric.compute_global() if jax.process_count() > 1 else metric.compute()
-        results.update({f"{k}{name}": float(v) for k, v in values.items()})
+        results.update({f"{k}{name}": None if v is None else float(v) for k, v in values.items()})
     if jax.process_index() == 0:
         (workdir / f"eval_metrics{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
         final = {k: v for k, v in results.items() if "_block_" not in k}
-        log.info("evaluation on %d images: %s", len(indices), "  ".join(f"{k} {v:.2f}" for k, v in final.items()))
+        log.info("evaluation on %d images: %s", len(indices),
+                 "  ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in final.items()))
     return results
 
 

@@ -2,20 +2,54 @@
 
 Each metric takes one image at a time: `update(prediction, record)` with the prediction from
 `eomt_jax.inference.pipeline` and the dataset record (masks, labels, is_crowd at the original resolution), and
-`compute()` returns percentages. In multi-process runs every process updates with its own images and
+`compute()` returns percentages, None where a figure is undefined (PQ of things when no thing class occurs, AP
+of large objects when there are none). In multi-process runs every process updates with its own images and
 `compute_global()` gathers the per-image statistics from all processes first.
 
 PQ follows `panopticapi.pq_compute`: ground-truth pixels covered by no segment are void; predicted pixels
 assigned to no segment are void; crowd regions are ignored per category; a match needs IoU > 0.5 with the void
 overlap removed from the union; averages run over the classes that occur in the ground truth or the predictions
-(absent classes are left out, as panopticapi does).
+(absent classes are left out, as panopticapi does). `PQ_all_classes` is the original's in-loop average over every
+class, absent ones counting 0: the same on the full COCO and ADE20K validation sets, lower on subsets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from eomt_jax.distributed import allgather_objects, allgather_sum
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_mask_ap(coco, results: list[dict]) -> tuple[dict[str, float | None], dict[int, float | None]]:
+    """COCO mask AP (`AP_KEYS`, in percent) of `results` against the pycocotools `COCO` object `coco`, and the
+    AP per category id. A figure with no ground truth to score against (pycocotools' -1: no large objects, an
+    absent class, an empty split) is None, not 0: it is undefined, not a score."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if results:
+            detections = coco.loadRes(results)
+        else:  # pycocotools cannot load an empty result list; an empty result set scores 0 where there is truth
+            detections = COCO()
+            detections.dataset = {"images": coco.dataset["images"], "categories": coco.dataset["categories"],
+                                  "annotations": []}
+            detections.createIndex()
+        ev = COCOeval(coco, detections, iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # (iou, recall, class, area, maxdets); -1 where there is no ground truth
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        per_class[cat_id] = 100.0 * float(p[p > -1].mean()) if (p > -1).any() else None
+    return {k: 100.0 * float(v) if v >= 0 else None for k, v in zip(AP_KEYS, ev.stats[:6])}, per_class
 
 
 class PanopticQuality:
@@ -75,7 +109,7 @@ class PanopticQuality:
                 continue
             self.stats[k, 1] += 1
 
-    def _result(self, stats: np.ndarray) -> dict[str, float]:
+    def _result(self, stats: np.ndarray) -> dict[str, float | None]:
         tp, fp, fn, iou = stats.T
         counted = (tp + fp + fn) > 0
         sq = np.where(tp > 0, iou / np.maximum(tp, 1), 0.0)
@@ -85,7 +119,10 @@ class PanopticQuality:
         for name, sel in (("", counted), ("_things", counted & ~self.is_stuff), ("_stuff", counted & self.is_stuff)):
             n = sel.sum()
             for metric, v in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-                out[metric + name] = 100.0 * float(v[sel].sum() / n) if n else 0.0
+                out[metric + name] = 100.0 * float(v[sel].sum() / n) if n else None  # no class to average
+        # The original's in-loop metric averages over every class, an absent one counting 0: equal to PQ when
+        # every class occurs (full COCO / ADE20K val), lower on subsets and small datasets.
+        out["PQ_all_classes"] = 100.0 * float(pq.sum() / self.num_classes)
         return out
 
     def compute(self) -> dict[str, float]:
@@ -112,7 +149,8 @@ class MeanIoU:
         diag = np.diag(confusion).astype(np.float64)
         union = confusion.sum(0) + confusion.sum(1) - diag
         iou = np.where(union > 0, diag / np.maximum(union, 1), 0.0)  # absent classes count 0, as upstream
-        return {"mIoU": 100.0 * float(iou.mean()), "pixel_accuracy": 100.0 * float(diag.sum() / max(confusion.sum(), 1))}
+        return {"mIoU": 100.0 * float(iou.mean()),
+                "pixel_accuracy": 100.0 * float(diag.sum() / max(confusion.sum(), 1))}
 
     def compute(self) -> dict[str, float]:
         return self._result(self.confusion)
@@ -131,8 +169,6 @@ class InstanceAP:
         self.images: list[dict] = []
 
     def update(self, pred: dict, record: dict) -> None:
-        from pycocotools import mask as mask_util
-
         def rle(m):
             r = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
             r["counts"] = r["counts"].decode("ascii")
@@ -144,13 +180,7 @@ class InstanceAP:
                  for m, l, s in zip(pred["masks"], pred["labels"], pred["scores"])]
         self.images.append(dict(size=record["image"].shape[:2], gts=gts, preds=preds))
 
-    def _result(self, images) -> dict[str, float]:
-        import contextlib
-        import io
-
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
+    def _result(self, images) -> dict[str, float | None]:
         cats = [{"id": k + 1, "name": str(k)} for k in range(self.num_classes)]
         gt = {"images": [], "annotations": [], "categories": cats}
         results = []
@@ -163,18 +193,11 @@ class InstanceAP:
             for p in im["preds"]:
                 results.append({"image_id": i + 1, "category_id": p["label"] + 1, "segmentation": p["rle"],
                                 "score": p["score"]})
-        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-        if not gt["annotations"] or not results:
-            return {k: 0.0 for k in keys}
+        coco = COCO()
+        coco.dataset = gt
         with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO()
-            coco.dataset = gt
             coco.createIndex()
-            ev = COCOeval(coco, coco.loadRes(results), iouType="segm")
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        return {k: 100.0 * max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
+        return coco_mask_ap(coco, results)[0]
 
     def compute(self) -> dict[str, float]:
         return self._result(self.images)

@@ -2,7 +2,8 @@
 
 Panoptic: COCO panoptic PNG + JSON, PQ/SQ/RQ with the panopticapi rules. Instance: COCO results JSON, mask AP with
 pycocotools `COCOeval(iouType="segm")`. Semantic: label PNGs, mIoU from a confusion matrix. Each function returns
-(metrics in percent, per-class table). Folders may also be zip files.
+(metrics in percent, per-class table); a figure with nothing to score against (no large objects, a class absent
+from ground truth and predictions) is None, not 0. Folders may also be zip files.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from eomt_jax.evaluation.metrics import MeanIoU, PanopticQuality
+from eomt_jax.evaluation.metrics import MeanIoU, PanopticQuality, coco_mask_ap
 from eomt_jax.jsonio import read_json
 
 
@@ -93,35 +95,26 @@ def score_panoptic(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str):
             raise ValueError(f"{pred_dir}/{p['file_name']}: segment ids {sorted(stray)} are not in {pred_json}")
         metric.update(np.stack([cat, seg], -1), record)
     results = metric.compute()
-    per_class = {c["name"]: dict(zip(("tp", "fp", "fn", "iou"), metric.stats[i].tolist())) for i, c in enumerate(cats)}
+    per_class = {}
+    for i, c in enumerate(cats):
+        tp, fp, fn, iou = metric.stats[i].tolist()
+        # PQ of a class absent from ground truth and predictions is undefined (None), not 0.
+        pq = 100.0 * iou / (tp + 0.5 * fp + 0.5 * fn) if tp + fp + fn else None
+        per_class[c["name"]] = {"tp": tp, "fp": fp, "fn": fn, "iou": iou, "PQ": pq}
     return results, per_class
 
 
 def score_instance(gt_json: str, pred_json: str):
     """Mask AP (AP, AP50, AP75, APs, APm, APl) of COCO results with pycocotools' COCOeval, areas from the
     annotation file (the official protocol); and the per-class AP."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     read_json(gt_json, ("images", "annotations", "categories"))
     results = read_json(pred_json)
     if not isinstance(results, list):
         raise ValueError(f"{pred_json}: expected a COCO results list")
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(gt_json)
-        if not results:
-            return {k: 0.0 for k in keys}, {}
-        ev = COCOeval(coco, coco.loadRes(results), iouType="segm")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    precision = ev.eval["precision"]  # (iou, recall, class, area, maxdets)
-    per_class = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        per_class[coco.cats[cat_id]["name"]] = 100.0 * float(p[p > -1].mean()) if (p > -1).any() else None
-    return {k: 100.0 * max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}, per_class
+    metrics, per_id = coco_mask_ap(coco, results)
+    return metrics, {coco.cats[cat_id]["name"]: ap for cat_id, ap in per_id.items()}
 
 
 def score_semantic(gt_dir: str, pred_dir: str, num_classes: int, ignore_index: int = 255, label_offset: int = 0):
@@ -148,5 +141,7 @@ def score_semantic(gt_dir: str, pred_dir: str, num_classes: int, ignore_index: i
     c = metric.confusion
     diag = np.diag(c).astype(np.float64)
     union = c.sum(0) + c.sum(1) - diag
-    per_class = {str(k): (100.0 * diag[k] / union[k] if union[k] else 0.0) for k in range(num_classes)}
+    # A class absent from both the ground truth and the predictions has no IoU (None); the mean counts it as 0,
+    # as the original's metric does.
+    per_class = {str(k): (100.0 * diag[k] / union[k] if union[k] else None) for k in range(num_classes)}
     return metric.compute(), per_class

@@ -31,6 +31,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Precision policies: the compute dtype of the activations and of the matrix products' operands.
+#   float32         everything in float32
+#   bfloat16        everything in bfloat16 (residual stream, norms' outputs, products), softmax in float32
+#   mixed_bfloat16  as PyTorch's autocast computes (the original trains and validates under fp16 autocast): the
+#                   residual stream, LayerNorms, LayerScale, position embedding, softmax and the heads' outputs in
+#                   float32; the matrix products (qkv, proj, MLP, patch embedding, transposed convolution, mask
+#                   product, attention's two products) on bfloat16 operands with float32 accumulation.
+PRECISIONS = {
+    "float32": dict(dtype="float32", matmul_dtype=None),
+    "bfloat16": dict(dtype="bfloat16", matmul_dtype=None),
+    "mixed_bfloat16": dict(dtype="float32", matmul_dtype="bfloat16"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EoMTConfig:
     """Architecture hyper-parameters; everything needed to rebuild the network from a checkpoint."""
@@ -52,9 +66,14 @@ class EoMTConfig:
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
     attention: str = "plain"  # "plain" (einsum + softmax) | "fused" (jax.nn.dot_product_attention)
+    # Mixed precision: operands of the matrix products rounded to this dtype (float32 accumulation and results),
+    # the rest computed in `dtype`. None: the products take `dtype` operands. See `PRECISIONS`.
+    matmul_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", _pair(self.image_size))
+        if self.matmul_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"matmul_dtype must be None, 'bfloat16' or 'float16', got {self.matmul_dtype!r}")
         if self.attention not in ("plain", "fused"):
             raise ValueError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
         if self.mlp_type not in ("gelu", "swiglu"):
@@ -94,6 +113,19 @@ class EoMTConfig:
 
     def replace(self, **kw) -> "EoMTConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def precision(self) -> str:
+        """The precision policy (`PRECISIONS`) of `dtype` and `matmul_dtype`."""
+        if self.matmul_dtype is not None:
+            return f"mixed_{self.matmul_dtype}"
+        return str(self.dtype)
+
+    def with_precision(self, precision: str) -> "EoMTConfig":
+        """This config computing under a `PRECISIONS` policy (the parameters keep their dtype)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        return self.replace(**PRECISIONS[precision])
 
 
 def _pair(x) -> tuple[int, int]:
@@ -161,6 +193,7 @@ class EoMT(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
             attention=c.attention,
+            matmul_dtype=c.matmul_dtype,
         )
         self.q = nnx.Embed(
             c.num_queries,
@@ -170,12 +203,15 @@ class EoMT(nnx.Module):
             embedding_init=nnx.initializers.normal(1.0),
             rngs=rngs,
         )
-        self.class_head = _torch_default_linear(c.embed_dim, c.num_classes + 1, dtype, param_dtype, rngs)
-        self.mask_head = MaskHead(c.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.class_head = _torch_default_linear(c.embed_dim, c.num_classes + 1, dtype, param_dtype, rngs,
+                                                c.matmul_dtype)
+        self.mask_head = MaskHead(c.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                  matmul_dtype=c.matmul_dtype)
         # LayerNorm2d of the upscale blocks uses eps 1e-6 whatever the backbone's eps.
         self.upscale = nnx.List(
             [
-                ScaleBlock(c.embed_dim, 1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                ScaleBlock(c.embed_dim, 1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                           matmul_dtype=c.matmul_dtype)
                 for _ in range(c.num_upscale)
             ]
         )
@@ -195,7 +231,7 @@ class EoMT(nnx.Module):
         feat = patches.reshape(b, gh, gw, d)
         for block in self.upscale:
             feat = block(feat)
-        return kernels.mask_product(self.mask_head(q), feat), class_logits
+        return kernels.mask_logits(self.mask_head(q), feat, c.matmul_dtype), class_logits
 
     def attention_mask(
         self,
@@ -302,31 +338,31 @@ class Buffer(nnx.Variable):
 
 
 class MaskHead(nnx.Module):
-    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
-        self.fc2 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
-        self.fc3 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs)
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, matmul_dtype: str | None = None):
+        self.fc1 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs, matmul_dtype)
+        self.fc2 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs, matmul_dtype)
+        self.fc3 = _torch_default_linear(dim, dim, dtype, param_dtype, rngs, matmul_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc3(gelu(self.fc2(gelu(self.fc1(x)))))
 
 
-def _torch_default_linear(d_in, d_out, dtype, param_dtype, rngs) -> nnx.Linear:
+def _torch_default_linear(d_in, d_out, dtype, param_dtype, rngs, matmul_dtype=None) -> nnx.Linear:
     # New heads are initialised like a fresh torch.nn.Linear (uniform +-1/sqrt(fan_in)), as in the original training.
     bound = 1.0 / math.sqrt(d_in)
     uniform = lambda key, shape, dt=param_dtype: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
     return nnx.Linear(
         d_in, d_out, dtype=dtype, param_dtype=param_dtype, kernel_init=uniform, bias_init=uniform,
-        dot_general=kernels.dot_general, rngs=rngs,
+        dot_general=kernels.matmul(matmul_dtype), rngs=rngs,
     )
 
 
 class ScaleBlock(nnx.Module):
     """2x upsampling of the patch features: ConvTranspose 2x2/2 -> exact GELU -> depthwise 3x3 (no bias) -> LN."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs, matmul_dtype: str | None = None):
         self.dtype = dtype
-        self.conv1 = ConvTranspose2x2(dim, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = ConvTranspose2x2(dim, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
         self.conv2 = DepthwiseConv3x3(dim, param_dtype=param_dtype, rngs=rngs)
         self.norm = layer_norm(dim, eps, dtype, param_dtype, rngs)
 
@@ -341,15 +377,16 @@ class ConvTranspose2x2(nnx.Module):
     Kernel = stride makes the output 2x2 blocks disjoint, so it is a per-pixel matmul followed by a pixel shuffle.
     """
 
-    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs, matmul_dtype: str | None = None):
         bound = 1.0 / math.sqrt(dim * 4)
+        self.matmul = kernels.matmul(matmul_dtype)
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (2, 2, dim, dim), param_dtype, -bound, bound))
         self.bias = nnx.Param(jax.random.uniform(rngs.params(), (dim,), param_dtype, -bound, bound))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, d = x.shape
         kernel = self.kernel[...].astype(x.dtype)  # (a, c, in, out)
-        y = kernels.dot_general(
+        y = self.matmul(
             x.reshape(-1, d), kernel.transpose(2, 0, 1, 3).reshape(d, -1), (((1,), (0,)), ((), ()))
         )
         # y: (b*h*w, a*c*out)

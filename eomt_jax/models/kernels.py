@@ -8,7 +8,9 @@ The network modules (`vit`, `eomt`) call into this module through a few function
 - `dot_general`: the matrix product of the dense layers (passed to `nnx.Linear`), the patch embedding and the
   transposed convolutions;
 - `gelu_conv_norm(graphdef)`: GELU -> depthwise 3x3 convolution -> LayerNorm of an upscaling block;
-- `mask_product(queries, feat)`: the mask logits of query embeddings and a feature map.
+- `mask_product(queries, feat)`: the mask logits of query embeddings and a feature map;
+- `matmul(matmul_dtype)`, `mask_logits(..., matmul_dtype)`: the same products under mixed precision (operands
+  rounded to `matmul_dtype`, float32 accumulation and results), the policy of PyTorch's autocast.
 
 Each is defined by a whole-array reference program, the network as written. Some also have a faster CPU form of
 the same arithmetic: loops over chunks of rows that keep their working set in cache, and bf16 products handed to
@@ -81,6 +83,23 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
         return out.astype(jnp.bfloat16)
 
     return cpu_inference_path(widened, plain)(lhs, rhs)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul(matmul_dtype: str | None = None) -> Callable:
+    """The `dot_general` of the dense layers, the patch embedding and the transposed convolutions under a precision
+    policy: `dot_general` when the operands stay in the activation dtype (`matmul_dtype` None); otherwise (mixed
+    precision, as PyTorch's autocast computes) both operands rounded to `matmul_dtype`, the products accumulated
+    and returned in float32. One function per dtype, so that models built alike compare equal."""
+    if matmul_dtype is None:
+        return dot_general
+    operand = jnp.dtype(matmul_dtype)
+
+    def mixed(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+        return jax.lax.dot_general(lhs.astype(operand), rhs.astype(operand), dimension_numbers, precision,
+                                   preferred_element_type=jnp.float32, **kwargs)
+
+    return mixed
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
@@ -245,3 +264,13 @@ def _mask_product_einsum(queries: jax.Array, feat: jax.Array) -> jax.Array:
 
 # Mask logits (B, Q, H, W) of query embeddings (B, Q, C) and a feature map (B, H, W, C).
 mask_product = cpu_inference_path(_mask_product_cpu, _mask_product_einsum)
+
+
+def mask_logits(queries: jax.Array, feat: jax.Array, matmul_dtype: str | None = None) -> jax.Array:
+    """`mask_product`, or under mixed precision (`matmul_dtype`) the product of operands rounded to it, accumulated
+    and returned in float32."""
+    if matmul_dtype is None:
+        return mask_product(queries, feat)
+    operand = jnp.dtype(matmul_dtype)
+    return jnp.einsum("bqc,bhwc->bqhw", queries.astype(operand), feat.astype(operand),
+                      preferred_element_type=jnp.float32)

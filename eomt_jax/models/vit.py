@@ -41,11 +41,13 @@ class DinoV2(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
         attention: str = "plain",
+        matmul_dtype: str | None = None,
     ):
         self.grid_size = tuple(grid_size)
         self.num_registers = num_registers
         self.num_prefix_tokens = 1 + num_registers
-        self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                      matmul_dtype=matmul_dtype)
         init = nnx.initializers.truncated_normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, embed_dim), param_dtype))
         if num_registers:
@@ -64,6 +66,7 @@ class DinoV2(nnx.Module):
                     param_dtype=param_dtype,
                     rngs=rngs,
                     attention=attention,
+                    matmul_dtype=matmul_dtype,
                 )
                 for _ in range(depth)
             ]
@@ -102,13 +105,15 @@ class Block(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
         attention: str = "plain",
+        matmul_dtype: str | None = None,
     ):
         self.norm1 = layer_norm(dim, eps, dtype, param_dtype, rngs)
-        self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=attention)
+        self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=attention,
+                              matmul_dtype=matmul_dtype)
         self.ls1 = LayerScale(dim, layerscale_init, param_dtype=param_dtype)
         self.norm2 = layer_norm(dim, eps, dtype, param_dtype, rngs)
         mlp_cls: Callable[..., nnx.Module] = {"gelu": Mlp, "swiglu": SwiGLUPacked}[mlp_type]
-        self.mlp = mlp_cls(dim, mlp_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = mlp_cls(dim, mlp_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
         self.ls2 = LayerScale(dim, layerscale_init, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -122,13 +127,15 @@ class Attention(nnx.Module):
     `rotate_qk` is the hook where a rotary position variant (DINOv3) applies its rotation to q and k.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "plain"):
+    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "plain",
+                 matmul_dtype: str | None = None):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.impl = impl
-        self.qkv = dense(dim, 3 * dim, dtype, param_dtype, rngs)
-        self.proj = dense(dim, dim, dtype, param_dtype, rngs)
+        self.matmul_dtype = matmul_dtype
+        self.qkv = dense(dim, 3 * dim, dtype, param_dtype, rngs, matmul_dtype=matmul_dtype)
+        self.proj = dense(dim, dim, dtype, param_dtype, rngs, matmul_dtype=matmul_dtype)
 
     def rotate_qk(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
         return q, k
@@ -138,6 +145,8 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = self.rotate_qk(q, k)
+        if self.matmul_dtype is not None:  # mixed precision: both products on rounded operands, softmax in float32
+            q, k, v = (a.astype(self.matmul_dtype) for a in (q, k, v))
         out = kernels.attention(q, k, v, mask, self.impl)
         return self.proj(out.reshape(b, n, d))
 
@@ -145,9 +154,9 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2 (S, B and L backbones)."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = dense(dim, hidden, dtype, param_dtype, rngs)
-        self.fc2 = dense(hidden, dim, dtype, param_dtype, rngs)
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs, matmul_dtype: str | None = None):
+        self.fc1 = dense(dim, hidden, dtype, param_dtype, rngs, matmul_dtype=matmul_dtype)
+        self.fc2 = dense(hidden, dim, dtype, param_dtype, rngs, matmul_dtype=matmul_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
@@ -156,11 +165,11 @@ class Mlp(nnx.Module):
 class SwiGLUPacked(nnx.Module):
     """Packed SwiGLU of the giant backbone: one fc1 whose first half is the SiLU gate and second half the value."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs, matmul_dtype: str | None = None):
         if hidden % 2:
             raise ValueError(f"packed SwiGLU needs an even fc1 width, got {hidden}")
-        self.fc1 = dense(dim, hidden, dtype, param_dtype, rngs)
-        self.fc2 = dense(hidden // 2, dim, dtype, param_dtype, rngs)
+        self.fc1 = dense(dim, hidden, dtype, param_dtype, rngs, matmul_dtype=matmul_dtype)
+        self.fc2 = dense(hidden // 2, dim, dtype, param_dtype, rngs, matmul_dtype=matmul_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, value = jnp.split(self.fc1(x), 2, axis=-1)
@@ -178,8 +187,10 @@ class LayerScale(nnx.Module):
 class PatchEmbed(nnx.Module):
     """Non-overlapping patch projection: a stride-`patch` convolution, NHWC in, (B, gh*gw, D) out (row-major)."""
 
-    def __init__(self, patch_size: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, patch_size: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 matmul_dtype: str | None = None):
         self.patch_size = patch_size
+        self.matmul = kernels.matmul(matmul_dtype)
         self.proj = nnx.Conv(
             3,
             embed_dim,
@@ -202,7 +213,7 @@ class PatchEmbed(nnx.Module):
         patches = x[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         kernel = self.proj.kernel[...].reshape(p * p * c, -1).astype(dtype)
         patches = patches.reshape(b, gh * gw, p * p * c).astype(dtype)
-        tokens = kernels.dot_general(patches, kernel, (((2,), (0,)), ((), ())))
+        tokens = self.matmul(patches, kernel, (((2,), (0,)), ((), ())))
         return tokens + self.proj.bias[...].astype(dtype)
 
 
@@ -213,13 +224,14 @@ def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.
     )
 
 
-def dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
+def dense(d_in: int, d_out: int, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02,
+          matmul_dtype: str | None = None) -> nnx.Linear:
     return nnx.Linear(
         d_in,
         d_out,
         dtype=dtype,
         param_dtype=param_dtype,
-        dot_general=kernels.dot_general,
+        dot_general=kernels.matmul(matmul_dtype),
         kernel_init=nnx.initializers.truncated_normal(std),
         bias_init=nnx.initializers.zeros,
         rngs=rngs,

@@ -77,8 +77,8 @@ def test_hf_dinov2_backbone_initialises_an_eomt(tmp_path, hub_names):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_timm_style_backbone_is_resampled_to_patch16(tmp_path):
-    """A timm-named DINOv2 (patch 14, 4x4 grid) becomes a patch-16 EoMT at the requested image size."""
+def _timm_checkpoint(tmp_path):
+    """A timm-named DINOv2 (patch 14, 4x4 grid) converted to a patch-16 EoMT at 96 x 80."""
     model = _hf_dinov2(seed=1)
     sd = model.state_dict()
     timm = {
@@ -105,6 +105,12 @@ def test_timm_style_backbone_is_resampled_to_patch16(tmp_path):
     args = ["--src", tmp_path / "timm.bin", "--dst", dst, "--set", "num_heads=2", "--set", "num_classes=3",
             "--set", "num_queries=4", "--set", "num_blocks=2", "--set", "image_size=(96, 80)"]
     assert convert_main([str(a) for a in args]) == 0
+    return timm, dst
+
+
+def test_timm_style_backbone_is_resampled_to_patch16(tmp_path):
+    """A timm-named DINOv2 (patch 14, 4x4 grid) becomes a patch-16 EoMT at the requested image size."""
+    timm, dst = _timm_checkpoint(tmp_path)
     net = pretrained.load(dst)
     assert net.config.patch_size == 16 and net.config.image_size == (96, 80)
     assert net.backbone.pos_embed[...].shape == (1, 6 * 5, 64)
@@ -117,3 +123,24 @@ def test_timm_style_backbone_is_resampled_to_patch16(tmp_path):
     np.testing.assert_allclose(np.asarray(net.backbone.blocks[2].ls2.gamma[...]), timm["blocks.2.ls2.gamma"].numpy())
     masks, classes = net(np.zeros((1, 96, 80, 3), np.float32))
     assert masks[-1].shape == (1, 4, 24, 20) and classes[-1].shape == (1, 4, 4)
+
+
+def test_another_image_size_resamples_once_from_the_backbone_grid(tmp_path):
+    """Initialising a run at another size from a backbone conversion resamples DINOv2's own grid once (4x4 -> 8x8,
+    as timm does for a 1280 model from the 37x37 grid), not the converted one again (4x4 -> 6x5 -> 8x8)."""
+    from flax import nnx
+
+    from eomt_jax.models import EoMT
+    from eomt_jax.train_step import split_model
+    from eomt_jax.tree import flatten_paths
+
+    timm, dst = _timm_checkpoint(tmp_path)
+    config = pretrained.load(dst).config.replace(image_size=(128, 128))
+    _, params, buffers = split_model(EoMT(config, rngs=nnx.Rngs(0)))
+    params, _ = pretrained.load_into(params, buffers, dst, config)
+    got = np.asarray(flatten_paths(params)["backbone/pos_embed"])
+    once = np.asarray(resample_pos_embed(timm["pos_embed"].numpy(), (4, 4), (8, 8)))
+    twice = np.asarray(resample_pos_embed(resample_pos_embed(timm["pos_embed"].numpy(), (4, 4), (6, 5)), (6, 5),
+                                          (8, 8)))
+    np.testing.assert_allclose(got, once, atol=1e-6)
+    assert np.abs(got - twice).max() > 1e-3

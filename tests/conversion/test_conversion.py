@@ -102,17 +102,35 @@ def test_missing_extra_and_misshaped_keys_are_all_reported(tiny, tmp_path, capsy
     assert _run(["--src", src, "--dst", dst, "--set", "num_heads=2"]) == 1
     err = capsys.readouterr().err
     assert "network.some_new_head.weight" in err
-    assert "mask_head/fc2/bias" in err
+    assert "network.mask_head.2.bias (mask_head/fc2/bias)" in err  # the source's name, then the Flax path
     assert "network.class_head.bias" in err and "(99,)" in err
     assert not dst.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
+
+
+def test_hugging_face_keys_are_named_in_hugging_face_naming(tiny, tmp_path, capsys):
+    """Every problem of a Hugging Face checkpoint names the key as that checkpoint does (the Flax path follows
+    a missing key in brackets), not by the official or the Flax name."""
+    model = tiny[0]
+    src = oracle.save_hf(model, tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["mask_head.fc2.bias"]
+    sd["class_predictor.bias"] = torch.zeros(99)
+    save_file(sd, str(src / "model.safetensors"))
+    assert _run(["--src", src, "--dst", tmp_path / "out"]) == 1
+    err = capsys.readouterr().err
+    assert "missing key(s): mask_head.fc2.bias (mask_head/fc2/bias)" in err
+    assert "class_predictor.bias: shape (99,)" in err
+    assert "network." not in err
 
 
 def test_missing_key_alone(tiny, tmp_path, capsys):
     _, sd, _ = tiny
     bad = {k: v for k, v in sd.items() if k != "network.upscale.1.conv2.weight"}
     assert _run(["--src", _save(bad, tmp_path / "m.bin"), "--dst", tmp_path / "o", "--set", "num_heads=2"]) == 1
-    assert "missing key(s): upscale/1/conv2/kernel" in capsys.readouterr().err
+    assert "missing key(s): network.upscale.1.conv2.weight (upscale/1/conv2/kernel)" in capsys.readouterr().err
 
 
 def test_wrong_shape_alone(tiny, tmp_path, capsys):

@@ -152,3 +152,10 @@ def test_color_jitter_operations():
     # Contrast 0 gives the (integer) mean grey level everywhere.
     flat = apply_color_jitter(image, [("contrast", 0.0)])
     assert len(np.unique(flat)) == 1
+    # torchvision's adjust_contrast: blend with the mean of the truncated greyscale image, the mean not rounded.
+    grey = np.floor(image[..., 0] * np.float32(0.2989) + image[..., 1] * np.float32(0.587)
+                    + image[..., 2] * np.float32(0.114))
+    mean = grey.astype(np.float32).mean()
+    assert mean != np.floor(mean)  # the case where rounding the mean would change pixels
+    expected = np.floor(np.clip(np.float32(0.7) * image + np.float32(0.3) * mean, 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(apply_color_jitter(image, [("contrast", 0.7)]), expected)

@@ -1,4 +1,5 @@
-"""In-loop metrics against the official tools: panopticapi's pq_compute, and a direct confusion matrix."""
+"""In-loop metrics against the official tools: panopticapi's pq_compute, pycocotools, and a direct confusion
+matrix; undefined metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import numpy as np
 import panopticapi.evaluation as panopticapi_eval
+import pytest
 from panopticapi.evaluation import pq_compute
 from PIL import Image
 
@@ -183,3 +185,58 @@ def test_mean_iou_from_a_direct_confusion_matrix():
                 conf[t, p] += 1
     iou = [conf[k, k] / (conf[k].sum() + conf[:, k].sum() - conf[k, k]) for k in range(4)]
     np.testing.assert_allclose(metric.compute()["mIoU"], 100 * np.mean(iou), rtol=1e-12)
+
+
+def test_undefined_metrics_are_none_not_zero(tmp_path):
+    """pycocotools' -1 (nothing to score against) is undefined, not a score of 0: on data with only small objects
+    AP over medium and large objects is None in the in-loop metric and null in the CLI's JSON, an absent class
+    has no per-class AP, PQ of things is None without thing classes; predicting nothing still scores 0 where
+    there is ground truth."""
+    from pycocotools import mask as mask_util
+
+    from eomt_jax.evaluation.metrics import InstanceAP
+
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 30:40] = True  # area 100 < 32²: a small object
+    record = {"image": np.zeros((64, 64, 3), np.uint8), "masks": mask[None], "labels": np.array([0]),
+              "is_crowd": np.array([False])}
+    perfect = {"masks": mask[None], "labels": np.array([0]), "scores": np.array([0.9])}
+    nothing = {"masks": np.zeros((0, 64, 64), bool), "labels": np.zeros(0, int), "scores": np.zeros(0)}
+    for pred, value in ((perfect, 100.0), (nothing, 0.0)):
+        metric = InstanceAP(num_classes=3)
+        metric.update(pred, record)
+        got = metric.compute()
+        assert got["APm"] is None and got["APl"] is None, got
+        assert got["AP"] == pytest.approx(value) and got["APs"] == pytest.approx(value), got
+
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    gt = {"images": [{"id": 1, "height": 64, "width": 64}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle, "area": 100.0,
+                           "iscrowd": 0, "bbox": [30.0, 10.0, 10.0, 10.0]}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps([{"image_id": 1, "category_id": 1, "segmentation": rle,
+                                                      "score": 0.9}]))
+    per_class = tmp_path / "per_class.json"
+    got = _run_cli(["instance", "--gt-json", str(tmp_path / "gt.json"), "--pred-json", str(tmp_path / "pred.json"),
+                    "--per-class", str(per_class)])
+    assert got["APm"] is None and got["APl"] is None and got["AP"] == pytest.approx(100.0)
+    assert json.loads(per_class.read_text()) == {"a": pytest.approx(100.0), "b": None}
+
+    stuff_only = PanopticQuality(2, stuff_classes=[0, 1])
+    stuff_only.update(np.stack([np.zeros((8, 8), int), np.zeros((8, 8), int)], -1),
+                      {"masks": np.ones((1, 8, 8), bool), "labels": np.array([0]), "is_crowd": np.array([False])})
+    result = stuff_only.compute()
+    assert result["PQ_things"] is None and result["PQ_stuff"] == pytest.approx(100.0)
+
+
+def test_pq_over_all_classes_counts_absent_classes_as_zero():
+    """`PQ` averages over the classes present (panopticapi); `PQ_all_classes` over every class (the original's
+    in-loop metric), so with one of four classes present and perfectly predicted they are 100 and 25."""
+    metric = PanopticQuality(4, stuff_classes=[3])
+    seg = np.zeros((8, 8), int)
+    metric.update(np.stack([seg, seg], -1),
+                  {"masks": np.ones((1, 8, 8), bool), "labels": np.array([0]), "is_crowd": np.array([False])})
+    got = metric.compute()
+    assert got["PQ"] == pytest.approx(100.0) and got["PQ_all_classes"] == pytest.approx(25.0)
