@@ -245,7 +245,9 @@ def model_config(config, platform: str | None = None) -> EoMTConfig:
         precision = "float32" if (platform or jax.default_backend()) == "cpu" else ACCELERATOR_PRECISION
     if precision not in PRECISIONS:
         raise ValueError(f"config.model.dtype must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
-    d.pop("matmul_dtype", None)  # set by the policy
+    if d.pop("matmul_dtype", None) is not None:
+        raise ValueError("config.model.matmul_dtype is set by the precision policy: use config.model.dtype "
+                         f"(one of {sorted(PRECISIONS)} or 'auto') instead")
     return EoMTConfig.from_dict(d).with_precision(precision)
 
 

@@ -67,6 +67,10 @@ def test_auto_precision_is_float32_on_cpu_and_mixed_bfloat16_on_accelerators(mon
     config.model.dtype = "float16"
     with pytest.raises(ValueError, match="config.model.dtype"):
         config_lib.model_config(config)
+    config.model.dtype = "float32"
+    config.model.matmul_dtype = "bfloat16"  # not a knob of its own: the policy sets it, nothing is ignored
+    with pytest.raises(ValueError, match="matmul_dtype is set by the precision policy"):
+        config_lib.model_config(config)
 
 
 @pytest.mark.parametrize("name", ["coco_panoptic_large", "coco_panoptic_giant", "coco_instance_large"])
