@@ -1,4 +1,4 @@
-"""EoMT: learned queries prepended to the last K blocks of a DINOv2 ViT, with a class head and a mask head.
+"""EoMT: learned queries prepended to the last K blocks of a DINOv2 or DINOv3 ViT, with a class and a mask head.
 
 Call contract (everything downstream relies on it):
 
@@ -25,7 +25,7 @@ from flax import nnx
 
 from eomt_jax.models import kernels
 from eomt_jax.models.layers import gelu
-from eomt_jax.models.vit import DinoV2, layer_norm
+from eomt_jax.models.vit import DinoV2, DinoV3, layer_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +49,9 @@ PRECISIONS = {
 class EoMTConfig:
     """Architecture hyper-parameters; everything needed to rebuild the network from a checkpoint."""
 
+    # Backbone family: "dinov2" (learned position embedding on a fixed grid, key bias) or "dinov3" (2-D axial
+    # RoPE on the patch tokens, no position parameter, no key bias).
+    backbone: str = "dinov2"
     embed_dim: int = 1024
     depth: int = 24
     num_heads: int = 16
@@ -60,8 +63,12 @@ class EoMTConfig:
     num_queries: int = 200
     num_classes: int = 133
     num_blocks: int = 4  # K: blocks that see the queries
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-6  # the backbone's LayerNorms (DINOv3: 1e-5); the upscaling blocks always use 1e-6
     layerscale_init: float = 1e-5
+    # DINOv3 RoPE: base period of the frequencies, and the training-time augmentation that multiplies the patch
+    # coordinates by one log-uniform factor in [1/rope_rescale, rope_rescale] per step (1.0: none).
+    rope_theta: float = 100.0
+    rope_rescale: float = 2.0
     masked_attn_enabled: bool = True
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
@@ -74,6 +81,13 @@ class EoMTConfig:
         object.__setattr__(self, "image_size", _pair(self.image_size))
         if self.matmul_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"matmul_dtype must be None, 'bfloat16' or 'float16', got {self.matmul_dtype!r}")
+        if self.backbone not in ("dinov2", "dinov3"):
+            raise ValueError(f"backbone must be 'dinov2' or 'dinov3', got {self.backbone!r}")
+        if self.backbone == "dinov3" and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"a DINOv3 backbone needs a head dim divisible by 4 (RoPE), got "
+                             f"{self.embed_dim}/{self.num_heads}")
+        if not self.rope_rescale >= 1.0:
+            raise ValueError(f"rope_rescale must be >= 1 (1 = no training-time rescale), got {self.rope_rescale}")
         if self.attention not in ("plain", "fused"):
             raise ValueError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
         if self.mlp_type not in ("gelu", "swiglu"):
@@ -137,22 +151,42 @@ def _pair(x) -> tuple[int, int]:
     return x
 
 
-_SIZES = {
-    # size: (embed_dim, depth, mlp_type, mlp_hidden, num_blocks K)
-    "S": (384, 12, "gelu", 1536, 3),
-    "B": (768, 12, "gelu", 3072, 3),
-    "L": (1024, 24, "gelu", 4096, 4),
-    # DINOv2-g: packed SwiGLU, fc1 1536 -> 8192 (gate | value), fc2 4096 -> 1536.
-    "g": (1536, 40, "swiglu", 8192, 5),
+# size: (embed_dim, depth, mlp_type, mlp_hidden = fc1 output width, num_blocks K)
+SIZES = {
+    "dinov2": {
+        "S": (384, 12, "gelu", 1536, 3),
+        "B": (768, 12, "gelu", 3072, 3),
+        "L": (1024, 24, "gelu", 4096, 4),
+        # DINOv2-g: packed SwiGLU, fc1 1536 -> 8192 (gate | value), fc2 4096 -> 1536.
+        "g": (1536, 40, "swiglu", 8192, 5),
+    },
+    # DINOv3 (facebookresearch/dinov3 hub/backbones.py). The EoMT zoo uses S, B and L; the "+" sizes have SwiGLU
+    # MLPs of hidden width int(int(D * 6) * 2 / 3) rounded up to a multiple of 8, packed gate | value into fc1, and
+    # K chosen here as for DINOv2 models of the same depth.
+    "dinov3": {
+        "S": (384, 12, "gelu", 1536, 3),
+        "S+": (384, 12, "swiglu", 2 * 1536, 3),
+        "B": (768, 12, "gelu", 3072, 3),
+        "L": (1024, 24, "gelu", 4096, 4),
+        "L+": (1024, 24, "swiglu", 2 * 4096, 4),
+        "H+": (1280, 32, "swiglu", 2 * 5120, 4),
+    },
 }
+_LAYER_NORM_EPS = {"dinov2": 1e-6, "dinov3": 1e-5}
 
 
-def preset(size: str, *, num_classes: int, num_queries: int, image_size, **overrides) -> EoMTConfig:
-    """The model-zoo architectures: size in S, B, L, g (patch 16, 4 registers, 64-wide heads)."""
-    if size not in _SIZES:
-        raise ValueError(f"unknown EoMT size {size!r}; expected one of {sorted(_SIZES)}")
-    dim, depth, mlp_type, hidden, k = _SIZES[size]
+def preset(size: str, *, num_classes: int, num_queries: int, image_size, backbone: str = "dinov2",
+           **overrides) -> EoMTConfig:
+    """The model-zoo architectures (patch 16, 4 registers, 64-wide heads): DINOv2 S, B, L, g; DINOv3 S, S+, B, L,
+    L+, H+."""
+    if backbone not in SIZES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(SIZES)}")
+    if size not in SIZES[backbone]:
+        raise ValueError(f"unknown {backbone} EoMT size {size!r}; expected one of {sorted(SIZES[backbone])}")
+    dim, depth, mlp_type, hidden, k = SIZES[backbone][size]
     kw = dict(
+        backbone=backbone,
+        layer_norm_eps=_LAYER_NORM_EPS[backbone],
         embed_dim=dim,
         depth=depth,
         num_heads=dim // 64,
@@ -170,7 +204,7 @@ def preset(size: str, *, num_classes: int, num_queries: int, image_size, **overr
 
 
 class EoMT(nnx.Module):
-    """The network: a DINOv2 `backbone` whose last K blocks also see the learned queries `q`; `predict` reads class
+    """The network: a DINOv2 or DINOv3 `backbone` whose last K blocks also see the learned queries `q`; `predict` reads class
     logits off the queries (`class_head`) and mask logits off the queries (`mask_head`) and the `upscale`d patch
     features."""
 
@@ -178,12 +212,16 @@ class EoMT(nnx.Module):
         self.config = config
         c = config
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        self.backbone = DinoV2(
+        if c.backbone == "dinov2":
+            positions = dict(grid_size=c.grid_size)
+        else:
+            positions = dict(rope_theta=c.rope_theta)
+        self.backbone = {"dinov2": DinoV2, "dinov3": DinoV3}[c.backbone](
+            **positions,
             embed_dim=c.embed_dim,
             depth=c.depth,
             num_heads=c.num_heads,
             patch_size=c.patch_size,
-            grid_size=c.grid_size,
             num_registers=c.num_registers,
             mlp_type=c.mlp_type,
             mlp_hidden=c.mlp_hidden,
@@ -278,6 +316,7 @@ class EoMT(nnx.Module):
         masked_attn: bool | None = None,
         image_index: jax.Array | None = None,
         remat: str = "none",
+        rope_scale: jax.Array | float = 1.0,
     ) -> tuple[list[jax.Array], list[jax.Array]]:
         """Run the network.
 
@@ -291,6 +330,8 @@ class EoMT(nnx.Module):
           image_index: (B,) int, each image's position in the global batch: its random draws derive from it, so
             an image is masked alike in the whole batch and in a microbatch of it (default arange(B)).
           remat: a `REMAT_POLICIES` name (static); the parameters and their paths are the same for every policy.
+          rope_scale: DINOv3 only: factor on the patch coordinates of the rotary positions (the training-time
+            augmentation draws it, see `draw_rope_scale`; 1 otherwise); may be traced.
         """
         c = self.config
         masked = c.masked_attn_enabled if masked_attn is None else masked_attn
@@ -312,6 +353,7 @@ class EoMT(nnx.Module):
             keys = jax.random.split(jax.random.key(0) if key is None else key, c.num_blocks)
 
         x = self.backbone.embed(x)
+        rope = self.backbone.rope(grid, rope_scale)
         b = x.shape[0]
         first = c.depth - c.num_blocks
         mask_out, class_out = [], []
@@ -326,7 +368,7 @@ class EoMT(nnx.Module):
                 class_out.append(class_logits)
                 j = i - first
                 mask = self.attention_mask(mask_logits, probs[j], keys[j], x.shape[1], grid, image_index)
-            x = _run_block(block, x, mask, remat)
+            x = _run_block(block, x, mask, rope, remat)
         mask_logits, class_logits = self.predict(x, grid)
         mask_out.append(mask_logits)
         class_out.append(class_logits)
@@ -435,15 +477,25 @@ def check_remat(name: str) -> None:
         raise ValueError(f"config.remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
 
 
-def _run_block(block: nnx.Module, x: jax.Array, mask: jax.Array | None, remat: str) -> jax.Array:
+def _run_block(block: nnx.Module, x: jax.Array, mask: jax.Array | None, rope, remat: str) -> jax.Array:
     policy = REMAT_POLICIES[remat]
     if policy is None:
-        return block(x, mask)
+        return block(x, mask, rope)
     # A pure function of the block's state: the checkpoint wraps the computation, not the module, so the
     # parameter tree (and every checkpoint key) is the same with and without remat.
     graphdef, state = nnx.split(block)
-    run = jax.checkpoint(lambda state, x, mask: nnx.merge(graphdef, state)(x, mask), policy=policy)
-    return run(state, x, mask)
+    run = jax.checkpoint(lambda state, x, mask, rope: nnx.merge(graphdef, state)(x, mask, rope), policy=policy)
+    return run(state, x, mask, rope)
+
+
+def draw_rope_scale(config: EoMTConfig, key: jax.Array) -> jax.Array:
+    """DINOv3's training-time position augmentation: one factor, log-uniform in [1/r, r] for r =
+    `config.rope_rescale`, for the whole batch and every block (as the original's backbone draws it once per
+    forward call in training mode); 1 for DINOv2 or r = 1."""
+    if config.backbone != "dinov3" or config.rope_rescale == 1.0:
+        return jnp.ones((), jnp.float32)
+    log_r = math.log(config.rope_rescale)
+    return jnp.exp(jax.random.uniform(key, (), jnp.float32, -log_r, log_r))
 
 
 def init_model(config: EoMTConfig, seed: int = 0) -> EoMT:
