@@ -18,7 +18,8 @@ rounding, with the activations of one microbatch in memory at a time. What makes
 * the loss normalisers (matched-mask count, CE weight sum) are those of the global batch, computed once from its
   targets (`losses.batch_normalisers`), so microbatch losses, their loss terms and their gradients simply add up;
 * every random draw (attention-mask disabling, loss points) derives from the image's position in the global batch
-  (`image_index`), so an image gets the same draws in a microbatch as in the whole batch;
+  (`image_index`), so an image gets the same draws in a microbatch as in the whole batch; a DINOv3 backbone's RoPE
+  rescale is drawn once per update;
 * the step counter, the learning rates and the masked-attention probabilities are evaluated once per update.
 
 Microbatch j holds images j, j + N, j + 2N, ...: each device holds a contiguous block of the batch, so taking every
@@ -40,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eomt_jax import annealing, losses, optim
 from eomt_jax import mesh as mesh_lib
 from eomt_jax.data import TRAIN_KEYS
-from eomt_jax.models.eomt import Buffer, EoMT, EoMTConfig, check_remat
+from eomt_jax.models.eomt import Buffer, EoMT, EoMTConfig, check_remat, draw_rope_scale
 from eomt_jax.tree import path_str
 
 
@@ -94,12 +95,16 @@ def _loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig, state: dict[str, Any], mes
     probs = annealing.attn_mask_probs(step, cfg.anneal_starts, cfg.anneal_ends, cfg.anneal_power)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     model_key, loss_key = jax.random.split(key)
+    rope_key = jax.random.fold_in(key, 2)  # a stream of its own: the other two are unchanged for DINOv2 models
 
     def loss_fn(params, batch, image_index, normalisers):
         model = nnx.merge(graphdef, params, state["buffers"])
         images = batch["image"].astype(jnp.float32) / 255.0
+        # DINOv3: one RoPE coordinate rescale per optimizer step, shared by its microbatches (1 for DINOv2).
+        rope_scale = draw_rope_scale(model.config, rope_key)
         mask_logits, class_logits = model(
-            images, probs, key=model_key, masked_attn=True, image_index=image_index, remat=cfg.remat
+            images, probs, key=model_key, masked_attn=True, image_index=image_index, remat=cfg.remat,
+            rope_scale=rope_scale,
         )
         targets = {k: batch[k] for k in ("masks", "labels", "valid")}
         return losses.mask_classification_loss(

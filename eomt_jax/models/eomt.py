@@ -182,7 +182,8 @@ def preset(size: str, *, num_classes: int, num_queries: int, image_size, backbon
     if backbone not in SIZES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(SIZES)}")
     if size not in SIZES[backbone]:
-        raise ValueError(f"unknown {backbone} EoMT size {size!r}; expected one of {sorted(SIZES[backbone])}")
+        raise ValueError(f"unknown EoMT size {size!r} for the {backbone} backbone; expected one of "
+                         f"{sorted(SIZES[backbone])}")
     dim, depth, mlp_type, hidden, k = SIZES[backbone][size]
     kw = dict(
         backbone=backbone,
@@ -490,8 +491,11 @@ def _run_block(block: nnx.Module, x: jax.Array, mask: jax.Array | None, rope, re
 
 def draw_rope_scale(config: EoMTConfig, key: jax.Array) -> jax.Array:
     """DINOv3's training-time position augmentation: one factor, log-uniform in [1/r, r] for r =
-    `config.rope_rescale`, for the whole batch and every block (as the original's backbone draws it once per
-    forward call in training mode); 1 for DINOv2 or r = 1."""
+    `config.rope_rescale`, for the whole batch and every block; 1 for DINOv2 or r = 1.
+
+    The original's backbone draws one factor per forward call in training mode, so each of its GPUs draws its own
+    for its share of the batch; the train step draws one per optimizer step for the global batch.
+    """
     if config.backbone != "dinov3" or config.rope_rescale == 1.0:
         return jnp.ones((), jnp.float32)
     log_r = math.log(config.rope_rescale)

@@ -24,3 +24,23 @@ def test_preset_shapes():
         preset("XL", num_classes=1, num_queries=1, image_size=640)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         preset("S", num_classes=1, num_queries=1, image_size=650)
+
+
+@pytest.mark.parametrize("size,count", [("S", 23_356_934), ("B", 92_425_094), ("L", 315_032_710)])
+def test_dinov3_parameter_counts_match_the_published_checkpoints(size, count):
+    # COCO panoptic at 640 (DINOv3 counts do not depend on the image size: no position table). The published
+    # networks have no key bias at all; ours stores the fused qkv bias whose key third is held at zero, D per block.
+    cfg = preset(size, backbone="dinov3", num_classes=133, num_queries=200, image_size=640)
+    assert cfg.layer_norm_eps == 1e-5
+    assert num_params(cfg) == count + cfg.depth * cfg.embed_dim
+    assert num_params(cfg.replace(image_size=(1280, 1280))) == num_params(cfg)
+
+
+def test_dinov3_preset_sizes():
+    plus = preset("H+", backbone="dinov3", num_classes=1, num_queries=1, image_size=64)
+    assert (plus.embed_dim, plus.depth, plus.num_heads, plus.mlp_type, plus.mlp_hidden) == (1280, 32, 20, "swiglu",
+                                                                                             10240)
+    with pytest.raises(ValueError, match="unknown EoMT size 'g' for the dinov3 backbone"):
+        preset("g", backbone="dinov3", num_classes=1, num_queries=1, image_size=640)
+    with pytest.raises(ValueError, match="head dim divisible by 4"):
+        preset("S", backbone="dinov3", num_classes=1, num_queries=1, image_size=64, embed_dim=60, num_heads=6)
