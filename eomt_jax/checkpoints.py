@@ -19,6 +19,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from eomt_jax import distributed
+from eomt_jax.tree import path_str
+
 
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
@@ -47,6 +50,9 @@ class DataPosition:
 # The items of every checkpoint step.
 ITEMS = ("state", "data", "data_position")
 
+# Where checkpoints that failed to restore are moved (beside the checkpoint directory).
+DAMAGED = "damaged_checkpoints"
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
@@ -56,6 +62,23 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint step, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint `step` out of the way (to `<directory>/../damaged_checkpoints/<step>`) so that the run can
+        save that step again; returns where it went."""
+        aside = self.directory.parent / DAMAGED / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                aside = aside.with_name(f"{step}-{len(list(aside.parent.iterdir()))}")
+            (self.directory / str(step)).rename(aside)
+        distributed.barrier(f"set_aside_{step}")
+        self._manager.reload()
+        return aside
 
     def save(self, step: int, state: Any, data_iterator=None, position: DataPosition | None = None) -> None:
         import grain
@@ -74,16 +97,21 @@ class Checkpointer:
         saved = self._manager.restore(step, args=ocp.args.Composite(data_position=ocp.args.JsonRestore()))
         return DataPosition(**saved["data_position"])
 
-    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
-        """Restore onto `abstract_state` (ShapeDtypeStructs with shardings); `data_iterator`, when given, is reset
-        in place to its saved Grain state (same processes and workers as when saved)."""
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The train state of `step`, restored onto `abstract_state` (ShapeDtypeStructs with shardings).
+
+        Raises `IncompatibleCheckpoint` (one line naming the first differing array) when the checkpoint holds
+        other arrays or shapes than `abstract_state`, e.g. after an architecture change in the config.
+        """
+        check_compatible(self.directory / str(step) / "state", abstract_state)
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"]
+
+    def restore_data(self, step: int, data_iterator) -> None:
+        """Reset `data_iterator` in place to its Grain state saved at `step` (same processes and workers)."""
         import grain
 
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        self._manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -91,6 +119,43 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint whose arrays do not fit the configured model and optimizer."""
+
+
+def check_compatible(state_dir: Path, abstract_state: Any) -> None:
+    """Compare the array paths and shapes stored in `state_dir` (a checkpoint's `state` item) with
+    `abstract_state`; raise `IncompatibleCheckpoint` naming the first difference, parameters first."""
+    stored = _stored_shapes(state_dir)
+    wanted = _shapes(abstract_state)
+    order = sorted(set(stored) | set(wanted), key=lambda k: (not k.startswith("params/"), k))
+    for key in order:
+        if key not in stored:
+            problem = f"{key} is missing from the checkpoint, which the config's model needs"
+        elif key not in wanted:
+            problem = f"the checkpoint holds {key}, which the config's model does not have"
+        elif stored[key] != wanted[key]:
+            problem = f"{key} has shape {stored[key]} in the checkpoint but {wanted[key]} in the config's model"
+        else:
+            continue
+        raise IncompatibleCheckpoint(
+            f"{state_dir.parent} does not fit the config: {problem} (was model or optim changed since it was "
+            "written? resume with the config that wrote it, or start a new --workdir)")
+
+
+def _stored_shapes(state_dir: Path) -> dict[str, tuple[int, ...]]:
+    from etils import epath
+
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+    return _shapes(getattr(metadata, "tree", metadata))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'params/backbone/cls_token' -> shape; a Variable's stored `value` level is not part of the name."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p).removesuffix("/value"): tuple(leaf.shape) for p, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def abstract_like(tree: Any) -> Any:

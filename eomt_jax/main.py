@@ -5,16 +5,22 @@ Flags, then the distributed start-up, then one call: `train.run` (train, train_a
 
 Config values are overridden with `--config.key=value` (e.g. `--config.data.root=/data/coco`); the config is
 locked, so a misspelt key is an error. A workdir that holds a checkpoint resumes from it.
+
+Exit codes: 0 done; 1 an error (one line `error: ...` for a run that cannot go on: busy workdir, non-finite loss,
+no restorable or a non-fitting checkpoint); 130 / 143 stopped by SIGINT / SIGTERM after saving its step.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from eomt_jax import compile_report, distributed, evaluation, train
+from eomt_jax.checkpoints import IncompatibleCheckpoint
+from eomt_jax.workdir_lock import WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/coco_panoptic_large.py:res=640",
                                           lock_config=True)
@@ -50,12 +56,17 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _LOCAL_DEVICE_IDS.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
-    if _MODE.value == "eval":
-        evaluation.run(config, workdir)
-    elif _MODE.value == "compile":
-        compile_report.run(config, workdir, target_topology=_TARGET_TOPOLOGY.value)
-    else:
-        train.run(config, workdir, _MODE.value)
+    try:
+        if _MODE.value == "eval":
+            evaluation.run(config, workdir)
+        elif _MODE.value == "compile":
+            compile_report.run(config, workdir, target_topology=_TARGET_TOPOLOGY.value)
+        else:
+            train.run(config, workdir, _MODE.value)
+    except train.TrainingInterrupted as e:
+        sys.exit(e.exit_code)  # the message is logged where the run stopped
+    except (train.TrainingError, WorkdirBusy, IncompatibleCheckpoint) as e:
+        sys.exit(f"error: {e}")
 
 
 def run() -> None:

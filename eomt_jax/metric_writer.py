@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eomt_jax.atomic import write_file
+
 import jax
 import ml_collections
 
@@ -12,8 +14,12 @@ import ml_collections
 class MetricWriter:
     """metrics.jsonl always; TensorBoard and W&B when enabled. Only process 0 writes."""
 
-    def __init__(self, workdir: Path, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: Path, config: ml_collections.ConfigDict, resume_step: int = 0):
+        """`resume_step`: the step the run starts from; rows of later steps (written by an earlier attempt that
+        went past its last checkpoint) are dropped, so that every step appears once however often a run resumes."""
         self.active = jax.process_index() == 0
+        if self.active:
+            _truncate_after(workdir / "metrics.jsonl", resume_step)
         self._jsonl = open(workdir / "metrics.jsonl", "a") if self.active else None
         self._tb = None
         self._wandb = None
@@ -47,3 +53,18 @@ class MetricWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of `path` up to `step` (and drop a last row cut short by a kill); atomic."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    write_file(path, "".join(line + "\n" for line in kept).encode())

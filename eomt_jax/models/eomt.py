@@ -205,9 +205,9 @@ def preset(size: str, *, num_classes: int, num_queries: int, image_size, backbon
 
 
 class EoMT(nnx.Module):
-    """The network: a DINOv2 or DINOv3 `backbone` whose last K blocks also see the learned queries `q`; `predict` reads class
-    logits off the queries (`class_head`) and mask logits off the queries (`mask_head`) and the `upscale`d patch
-    features."""
+    """The network: a DINOv2 or DINOv3 `backbone` whose last K blocks also see the learned queries `q`; `predict`
+    reads class logits off the queries (`class_head`) and mask logits off the queries (`mask_head`) and the
+    `upscale`d patch features."""
 
     def __init__(self, config: EoMTConfig, *, rngs: nnx.Rngs):
         self.config = config

@@ -4,7 +4,6 @@ the training-time coordinate rescale (drawn per step from the run's key, 1 in ev
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from eomt_jax import config_lib, train_step
