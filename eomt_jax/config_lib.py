@@ -126,6 +126,7 @@ def _experiment(
     c.log_every_steps = 50
     c.eval_every_steps = eval_every_epochs * steps_per_epoch
     c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3  # the newest checkpoints kept in <workdir>/checkpoints
     c.max_steps_per_run = 0  # 0 = no limit; >0 stops (with a checkpoint) after that many steps of this process
     c.seed = 0
     # Memory levers (same training arithmetic): microbatches per optimizer update (the global batch is
