@@ -20,8 +20,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from eomt_jax import annealing, optim
 from eomt_jax import mesh as mesh_lib
-from eomt_jax import optim
 from eomt_jax.data.pipeline import DATASET_DEFAULTS
 from eomt_jax.models.eomt import PRECISIONS, EoMTConfig, preset
 
@@ -253,7 +253,9 @@ def model_config(config, platform: str | None = None) -> EoMTConfig:
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir) -> Path:
-    """Create the run's workdir (absolute) and record the config in `config.json` (process 0)."""
+    """Check the config (`validate`), create the run's workdir (absolute) and record the config in `config.json`
+    (process 0)."""
+    validate(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -273,3 +275,105 @@ def load_config_file(spec: str):
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config()")
     return module.get_config(arg) if arg else module.get_config()
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem."""
+
+
+TASKS = ("panoptic", "instance", "semantic")
+MESH_AXES = ("data", "fsdp")  # the names the sharding rules and the batch sharding use
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check a config before anything is built or compiled; raise one ConfigError listing every problem.
+
+    Checks that the config has exactly the keys of the zoo configs (`_experiment`: a key the code reads is never
+    missing, a misspelt one in a config file is never ignored), that intervals and sizes are positive, that
+    enumerations hold one of their values, and that tuples have their length.
+    """
+    from eomt_jax.data.registry import SOURCES
+    from eomt_jax.models.eomt import REMAT_POLICIES
+
+    problems = _schema_problems(config.to_dict(), _reference().to_dict(), "config")
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def get(path: str):
+        node = config
+        for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def positive(path: str, minimum: int = 1) -> None:
+        v = get(path)
+        if v is not None:
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+                  f"config.{path} must be an integer >= {minimum}, got {v!r}")
+
+    for path in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "grad_accum_steps", "data.image_size", "data.batch_size", "data.max_instances", "eval.batch_size"):
+        positive(path)
+    for path in ("max_steps_per_run", "data.num_workers", "eval.max_images"):
+        positive(path, minimum=0)
+    check(get("task") in TASKS, f"config.task must be one of {TASKS}, got {get('task')!r}")
+    check(get("remat") in REMAT_POLICIES, f"config.remat must be one of {sorted(REMAT_POLICIES)}, got {get('remat')!r}")
+    dtype = get("model.dtype")
+    check(dtype == "auto" or dtype in PRECISIONS,
+          f"config.model.dtype must be 'auto' or one of {sorted(PRECISIONS)}, got {dtype!r}")
+    check(get("data.name") in SOURCES, f"config.data.name must be one of {sorted(SOURCES)}, got {get('data.name')!r}")
+    check(get("loss.matcher") in ("scipy", "optax"), f"config.loss.matcher must be 'scipy' or 'optax', got "
+                                                     f"{get('loss.matcher')!r}")
+    scale = get("data.scale_range")
+    check(isinstance(scale, (tuple, list)) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
+          and 0 < scale[0] <= scale[1], f"config.data.scale_range must be two numbers 0 < low <= high, got {scale!r}")
+    for path in ("eval.mask_thresh", "eval.overlap_thresh"):
+        v = get(path)
+        check(isinstance(v, (int, float)) and 0 <= v <= 1, f"config.{path} must be a number in [0, 1], got {v!r}")
+    mesh = get("mesh")
+    try:
+        axes = [(str(name), int(size)) for name, size in mesh]
+    except (TypeError, ValueError):
+        problems.append(f"config.mesh must be (axis name, size) pairs, e.g. (('data', -1), ('fsdp', 1)); got {mesh!r}")
+    else:
+        for name, size in axes:
+            check(name in MESH_AXES, f"config.mesh axis {name!r} is not one of {MESH_AXES}")
+            check(size == -1 or size >= 1, f"config.mesh axis {name!r} has size {size}; expected -1 or >= 1")
+    starts, ends, k = get("anneal.starts"), get("anneal.ends"), get("model.num_blocks")
+    try:
+        annealing.check_schedule(starts, ends)
+        check(len(tuple(starts)) == k, f"config.anneal has {len(tuple(starts))} phases for model.num_blocks={k} "
+                                       "masked blocks; expected one per block")
+    except (TypeError, ValueError) as e:
+        problems.append(f"config.anneal: {e}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _reference() -> ml_collections.ConfigDict:
+    return _experiment(task="panoptic", dataset="coco_panoptic", size="S", image_size=640, num_classes=133,
+                       num_queries=200, epochs=1, anneal_starts=(0, 1, 2), anneal_ends=(1, 2, 3))
+
+
+def _schema_problems(got, want, where: str) -> list[str]:
+    """Missing and unknown keys of `got` against `want`, recursing into sections (dicts) only."""
+    problems = []
+    if where == "config.model":  # the architecture's fields are checked against EoMTConfig (`model_config`)
+        return problems
+    for key in sorted(set(want) - set(got)):
+        problems.append(f"{where}.{key} is missing (every config has it; see eomt_jax/config_lib.py)")
+    for key in sorted(set(got) - set(want)):
+        problems.append(f"{where}.{key} is not a config key")
+    for key in sorted(set(got) & set(want)):
+        if isinstance(want[key], dict) and key not in ("generate_kwargs",):
+            if isinstance(got[key], dict):
+                problems += _schema_problems(got[key], want[key], f"{where}.{key}")
+            else:
+                problems.append(f"{where}.{key} must be a section, got {got[key]!r}")
+    return problems

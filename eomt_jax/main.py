@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from eomt_jax import compile_report, distributed, evaluation, train
+from eomt_jax import compile_report, config_lib, distributed, evaluation, train
 from eomt_jax.checkpoints import IncompatibleCheckpoint
 from eomt_jax.workdir_lock import WorkdirBusy
 
@@ -65,7 +65,7 @@ def main(argv):
             train.run(config, workdir, _MODE.value)
     except train.TrainingInterrupted as e:
         sys.exit(e.exit_code)  # the message is logged where the run stopped
-    except (train.TrainingError, WorkdirBusy, IncompatibleCheckpoint) as e:
+    except (config_lib.ConfigError, train.TrainingError, WorkdirBusy, IncompatibleCheckpoint) as e:
         sys.exit(f"error: {e}")
 
 

@@ -63,6 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    config_lib.validate(config)
     with _lock(Path(workdir).absolute()):
         return _train(config, workdir, mode)
 
