@@ -82,12 +82,18 @@ def experiment(
     anneal_ends: tuple[int, ...] | None = None,
     schedules: dict[str, dict] | None = None,
     eval_every_epochs: int = 1,
+    backbone: str = "dinov2",
+    optimizer: dict | None = None,
 ) -> ml_collections.ConfigDict:
     """The config of one published setting, from a config file's `:arg` string.
 
     `arg` takes `res=N` (one of `resolutions`, the first by default), `runlocal` (shrink to a 2-step smoke run on
     generated data, see `runlocal`) and, when `schedules` maps schedule names to their `epochs`, `anneal_starts`
     and `anneal_ends`, `sched=NAME` (the first by default) instead of giving those three directly.
+
+    `backbone` ("dinov2" or "dinov3") and `size` pick the architecture (`eomt_jax.models.eomt.preset`);
+    `optimizer` holds the values of `config.optim` that the setting changes from `optim.default_config()` (e.g.
+    `lr`, `warmup_steps`, `llrd_l2_enabled`); a key that is not an optimizer setting is an error.
     """
     defaults = dict(res=resolutions[0], runlocal=False)
     if schedules:
@@ -101,7 +107,7 @@ def experiment(
         epochs, anneal_starts, anneal_ends = (schedules[a.sched][k] for k in ("epochs", "anneal_starts", "anneal_ends"))
     c = _experiment(task=task, dataset=dataset, size=size, image_size=a.res, num_classes=num_classes,
                     num_queries=num_queries, epochs=epochs, anneal_starts=anneal_starts, anneal_ends=anneal_ends,
-                    eval_every_epochs=eval_every_epochs)
+                    eval_every_epochs=eval_every_epochs, backbone=backbone, optimizer=optimizer)
     return runlocal(c, dataset) if a.runlocal else c
 
 
@@ -117,6 +123,8 @@ def _experiment(
     anneal_starts: tuple[int, ...],
     anneal_ends: tuple[int, ...],
     eval_every_epochs: int = 1,
+    backbone: str = "dinov2",
+    optimizer: dict | None = None,
 ) -> ml_collections.ConfigDict:
     steps_per_epoch = STEPS_PER_EPOCH[dataset]
     augment = DATASET_DEFAULTS[dataset]
@@ -136,7 +144,7 @@ def _experiment(
     # At 1280 the step does not fit any accelerator in the README's memory table without per-block remat (the
     # attention maps of ~6600 tokens: 40 GB per image for EoMT-L), so those variants default to it.
     c.remat = "block" if image_size >= 1280 else "none"
-    c.init_from = ""  # converted EoMT checkpoint or DINOv2 backbone (convert/torch_to_flax.py)
+    c.init_from = ""  # converted EoMT checkpoint or DINOv2/DINOv3 backbone (convert/torch_to_flax.py)
     c.load_class_head = True  # False to fine-tune on a dataset with other classes
 
     c.data = ml_collections.ConfigDict()
@@ -148,10 +156,12 @@ def _experiment(
     c.data.scale_range = augment["scale_range"]
     c.data.color_jitter = augment["color_jitter"]
     c.data.num_workers = 4
+    c.data.max_unreadable_fraction = 0.01  # damaged training images are skipped (and named) up to this fraction
     c.data.generate = ""  # "": real data; else a synthetic kind generated into root when missing
     c.data.generate_kwargs = {}  # e.g. num_train, num_val, size for the generator
 
-    model = preset(size, num_classes=num_classes, num_queries=num_queries, image_size=image_size).to_dict()
+    model = preset(size, backbone=backbone, num_classes=num_classes, num_queries=num_queries,
+                   image_size=image_size).to_dict()
     model["image_size"] = tuple(model["image_size"])
     c.model = ml_collections.ConfigDict(model)
     # Precision policy (PRECISIONS): auto = ACCELERATOR_PRECISION on GPU/TPU, float32 on CPU; parameters and
@@ -174,6 +184,11 @@ def _experiment(
     c.loss.matcher = "scipy"  # scipy (host, per device shard) | optax (on device)
 
     c.optim = optim.default_config()
+    unknown = sorted(set(optimizer or {}) - set(c.optim.keys()))
+    if unknown:
+        raise ValueError(f"optimizer settings {unknown} are not keys of config.optim; expected some of "
+                         f"{sorted(c.optim.keys())}")
+    c.optim.update(optimizer or {})
 
     c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size) pairs; -1 = the remaining devices
     c.sharding = ml_collections.ConfigDict()
@@ -207,7 +222,8 @@ SYNTHETIC_KIND = {
 
 
 def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
-    """Shrink a configuration to a smoke run on generated data: tiny model, 64 px, 2 steps."""
+    """Shrink a configuration to a smoke run on generated data: tiny model of the same backbone kind, 64 px,
+    2 steps."""
     synthetic_kind = SYNTHETIC_KIND[dataset]
     c.total_steps = 2
     c.log_every_steps = 1
@@ -219,7 +235,8 @@ def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Confi
     c.data.batch_size = 8
     c.data.max_instances = 8
     c.data.num_workers = 0
-    tiny = preset("S", num_classes=c.model.num_classes, num_queries=8, image_size=64).to_dict()
+    tiny = preset("S", backbone=c.model.backbone, num_classes=c.model.num_classes, num_queries=8,
+                  image_size=64).to_dict()
     tiny.update(embed_dim=64, depth=2, num_heads=2, mlp_hidden=128, num_blocks=1, image_size=(64, 64))
     c.model = ml_collections.ConfigDict(dict(tiny, dtype="float32"))
     c.anneal.starts = (0,)
@@ -333,7 +350,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     scale = get("data.scale_range")
     check(isinstance(scale, (tuple, list)) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
           and 0 < scale[0] <= scale[1], f"config.data.scale_range must be two numbers 0 < low <= high, got {scale!r}")
-    for path in ("eval.mask_thresh", "eval.overlap_thresh"):
+    for path in ("eval.mask_thresh", "eval.overlap_thresh", "data.max_unreadable_fraction"):
         v = get(path)
         check(isinstance(v, (int, float)) and 0 <= v <= 1, f"config.{path} must be a number in [0, 1], got {v!r}")
     mesh = get("mesh")

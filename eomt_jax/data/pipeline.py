@@ -2,7 +2,7 @@
 
 Training (`train_dataset` + `TrainIterator`):
 
-    source -> seeded shuffle (a new order each epoch) -> repeat -> augment (`TrainTransform`, seeded per
+    source (unreadable samples replaced, `SkipUnreadable`) -> seeded shuffle (a new order each epoch) -> repeat -> augment (`TrainTransform`, seeded per
     element) -> this process's rows of each global batch -> drop skipped samples -> batch ->
     optional worker processes -> global `jax.Array`s (`jax.make_array_from_process_local_data`)
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,8 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eomt_jax.data.archives import DataError
 from eomt_jax.data.sources import Source
 from eomt_jax.data.transforms import TrainTransform
+
+log = logging.getLogger("eomt_jax")
 
 TRAIN_KEYS = ("image", "masks", "labels", "valid", "is_crowd")
 
@@ -86,6 +90,9 @@ class TrainSettings:
     # carry `masks_packed` instead of `masks`. Unpacked masks (100 x 640 x 640 bytes per image) make the
     # transfer from worker processes the bottleneck.
     pack_masks: bool = True
+    # Unreadable samples (a damaged image or target in a dataset zip) are replaced by the next readable one, with a
+    # warning naming each; the run stops when more than this fraction of the dataset is unreadable.
+    max_unreadable_fraction: float = 0.01
 
     @classmethod
     def for_dataset(cls, name: str, **overrides) -> TrainSettings:
@@ -96,7 +103,7 @@ class TrainSettings:
         """The settings of an experiment config's `data` section."""
         return cls(image_size=data.image_size, batch_size=data.batch_size, max_instances=data.max_instances,
                    seed=seed, scale_range=tuple(data.scale_range), color_jitter=data.color_jitter,
-                   num_workers=data.num_workers)
+                   num_workers=data.num_workers, max_unreadable_fraction=data.max_unreadable_fraction)
 
 
 def train_dataset(source: Source, settings: TrainSettings, *, process_index: int | None = None,
@@ -115,7 +122,8 @@ def train_dataset(source: Source, settings: TrainSettings, *, process_index: int
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by {count} processes")
     transform = TrainTransform(settings.image_size, settings.max_instances, tuple(settings.scale_range),
                                settings.color_jitter, settings.max_redraws, settings.pack_masks)
-    ds = grain.MapDataset.source(source).shuffle(seed=settings.seed).repeat()
+    ds = grain.MapDataset.source(SkipUnreadable(source, settings.max_unreadable_fraction))
+    ds = ds.shuffle(seed=settings.seed).repeat()
     # Augment before slicing: the random draws then follow the global position, not the process's.
     ds = ds.random_map(transform, seed=settings.seed)
     if start:
@@ -127,6 +135,37 @@ def train_dataset(source: Source, settings: TrainSettings, *, process_index: int
         _allow_grain_workers()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.num_workers))
     return ds
+
+
+class SkipUnreadable:
+    """A source whose unreadable records (`DataError`: a damaged image or target file) are replaced by the next
+    readable record, so that the stream keeps its length and order. Each unreadable record is logged once, naming
+    its file; more than `max_fraction` of the source unreadable (counted in each reading process) is an error."""
+
+    def __init__(self, source: Source, max_fraction: float):
+        self.source = source
+        self.max_fraction = max_fraction
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        n = len(self.source)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            try:
+                return self.source[i]
+            except DataError as e:
+                self._bad.add(i)
+                log.warning("skipping unreadable training sample %d (%d so far): %s", i, len(self._bad), e)
+                if len(self._bad) > max(1, self.max_fraction * n):
+                    raise DataError(
+                        f"{len(self._bad)} of {n} training samples are unreadable, more than "
+                        f"data.max_unreadable_fraction={self.max_fraction}; the last: {e}") from None
+        raise DataError(f"no readable training sample in {self.source!r}")
 
 
 class _ProcessRows(grain.MapDataset):

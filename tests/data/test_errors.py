@@ -134,3 +134,43 @@ def test_bad_arguments(tmp_path):
         load_source("coco", tmp_path, "train")
     with pytest.raises(ValueError, match="split must be one of"):
         load_source("coco_panoptic", tmp_path, "test")
+
+
+def _with_damaged_images(root, tmp_path, count):
+    """A copy of a generated COCO panoptic folder whose first `count` training images are cut short."""
+    import shutil
+    import zipfile
+
+    out = tmp_path / "damaged"
+    shutil.copytree(root, out)
+    src = zipfile.ZipFile(root / "train2017.zip")
+    members = [m for m in src.namelist() if m.endswith(".jpg")]
+    damaged = sorted(members)[:count]
+    with zipfile.ZipFile(out / "train2017.zip", "w") as dst:
+        for m in src.namelist():
+            data = src.read(m)
+            dst.writestr(m, data[: len(data) // 3] if m in damaged else data)
+    return out, damaged
+
+
+def test_unreadable_training_images_are_skipped_and_named(generated, tmp_path, caplog):
+    import logging
+
+    from eomt_jax.data import TrainSettings, load_source, train_dataset
+
+    root, _ = generated["coco_panoptic"]
+    damaged_root, damaged = _with_damaged_images(root, tmp_path, 1)
+    source = load_source("coco_panoptic", damaged_root, "train")
+    settings = TrainSettings.for_dataset("coco_panoptic", image_size=32, batch_size=2, max_instances=8,
+                                         max_unreadable_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="eomt_jax"):
+        batches = [b for _, b in zip(range(len(source)), iter(train_dataset(source, settings)))]
+    assert len(batches) == len(source)  # two epochs, none lost
+    warnings = [r.getMessage() for r in caplog.records if "unreadable training sample" in r.getMessage()]
+    assert len(warnings) == 1 and damaged[0] in warnings[0]  # named once, though read every epoch
+
+    too_many, _ = _with_damaged_images(root, tmp_path / "more", 3)
+    source = load_source("coco_panoptic", too_many, "train")
+    with pytest.raises(DataError, match=f"2 of {len(source)} training samples are unreadable, more than "
+                                        "data.max_unreadable_fraction=0.2"):
+        list(zip(range(len(source)), iter(train_dataset(source, settings))))
