@@ -7,6 +7,7 @@ back out of real optax updates, so a wrong rule, schedule, chain order or decay 
 """
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ import pytest
 from flax import nnx
 
 from eomt_jax import annealing, optim
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEPTH, K = 6, 2  # a small backbone: L = 6 blocks, the last 2 see the queries
 W1, W2, T = 5, 10, 40
@@ -230,6 +233,69 @@ def test_upstream_worked_values():
     assert peaks(lr_mult=0.1) == peaks(llrd_l2_enabled=False) != v2
     flat_lr = peaks(lr=2e-4, llrd=1.0, lr_mult=0.1)  # DINOv3-L ADE20K semantic: everything at 2e-4
     assert set(flat_lr.values()) == {2e-4}
+
+
+def _dinov3_peaks(config_file):
+    """{path: ParamLR} of a DINOv3 zoo config, for the parameters of its real-size network built abstractly."""
+    from eomt_jax import config_lib
+    from eomt_jax.models.eomt import EoMT
+    from eomt_jax.train_step import split_model
+
+    config = config_lib.load_config_file(str(REPO / "configs" / config_file))
+    cfg = config_lib.model_config(config)
+    _, params, _ = split_model(nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0))))
+    return cfg, optim.assign_param_lrs(config.optim, params, depth=cfg.depth, num_masked_blocks=cfg.num_blocks)
+
+
+# The DINOv3 settings' peak LRs (the original's `configure_optimizers` in `training/lightning_module.py` worked
+# through on the DINOv3 parameter names), lr 2e-4: block i below the K query blocks 2e-4 * llrd ** (L - 1 - i); the
+# query blocks, the final norm and the heads 2e-4; the patch embedding and the tokens block 0's rate.
+# (config, L, K, llrd, {block: the worked example's rounded figure}).
+DINOV3_PEAKS = [
+    ("dinov3_coco_panoptic_large.py", 24, 4, 0.8, {19: 8.192e-5, 0: 1.181e-6}),
+    ("dinov3_coco_instance_large.py", 24, 4, 0.8, {19: 8.192e-5, 0: 1.181e-6}),
+    ("dinov3_coco_panoptic_small.py", 12, 3, 0.8, {8: 1.024e-4, 0: 1.718e-5}),
+    ("dinov3_coco_panoptic_base.py", 12, 3, 0.8, {8: 1.024e-4, 0: 1.718e-5}),
+    ("dinov3_ade20k_semantic_large.py", 24, 4, 1.0, {19: 2e-4, 0: 2e-4}),  # no decay: everything at 2e-4
+]
+
+
+@pytest.mark.parametrize("config_file,depth,k,llrd,figures", DINOV3_PEAKS, ids=[p[0] for p in DINOV3_PEAKS])
+def test_dinov3_zoo_learning_rates(config_file, depth, k, llrd, figures):
+    cfg, table = _dinov3_peaks(config_file)
+    assert (cfg.backbone, cfg.depth, cfg.num_blocks) == ("dinov3", depth, k)
+    assert not any("pos_embed" in p for p in table)  # RoPE: no position parameter
+    assert {"backbone/cls_token", "backbone/reg_token", "backbone/patch_embed/proj/kernel"} <= set(table)
+    for path, info in table.items():
+        if path.startswith("backbone/blocks/"):
+            block = int(path.split("/")[2])
+            want = 2e-4 if block >= depth - k else 2e-4 * llrd ** (depth - 1 - block)
+        elif path.startswith("backbone/") and not path.startswith("backbone/norm/"):
+            want = 2e-4 * llrd ** (depth - 1)
+        else:
+            want = 2e-4
+        assert info.group == ("backbone" if path.startswith("backbone/") else "head"), path
+        np.testing.assert_allclose(info.peak_lr, want, rtol=1e-9, err_msg=path)
+    for block, figure in figures.items():
+        np.testing.assert_allclose(table[f"backbone/blocks/{block}/attn/qkv/kernel"].peak_lr, figure, rtol=5e-4)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_dinov3_tiny_learning_rates(l2):
+    """L 4, K 2, lr 2e-4 on the parameter names of the DINOv3 network."""
+    from eomt_jax.models.eomt import EoMT, preset
+    from eomt_jax.train_step import split_model
+
+    cfg = preset("S", backbone="dinov3", num_classes=5, num_queries=4, image_size=64, embed_dim=64, depth=4,
+                 num_heads=2, mlp_hidden=128, num_blocks=2)
+    _, params, _ = split_model(nnx.eval_shape(lambda: EoMT(cfg, rngs=nnx.Rngs(0))))
+    table = optim.assign_param_lrs(config(lr=2e-4, llrd_l2_enabled=l2), params, depth=4, num_masked_blocks=2)
+    want = {"backbone/patch_embed/proj/bias": 1.024e-4, "backbone/cls_token": 1.024e-4,
+            "backbone/reg_token": 1.024e-4, "backbone/blocks/0/mlp/fc1/kernel": 1.024e-4,
+            "backbone/blocks/1/attn/qkv/bias": 1.28e-4, "backbone/blocks/2/ls1/gamma": 1.6e-4 if l2 else 2e-4,
+            "backbone/blocks/3/norm2/scale": 2e-4, "backbone/norm/scale": 2e-4, "q/embedding": 2e-4,
+            "class_head/kernel": 2e-4, "mask_head/fc3/bias": 2e-4, "upscale/0/conv2/kernel": 2e-4}
+    np.testing.assert_allclose([table[p].peak_lr for p in want], list(want.values()), rtol=1e-12)
 
 
 def test_nnx_state_paths():

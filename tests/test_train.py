@@ -174,7 +174,8 @@ def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
 
 
 @pytest.mark.parametrize("name,keys", [("ade20k_semantic_large", {"mIoU", "pixel_accuracy"}),
-                                       ("coco_instance_large", {"AP", "AP50", "AP75", "APs", "APm", "APl"})])
+                                       ("coco_instance_large", {"AP", "AP50", "AP75", "APs", "APm", "APl"}),
+                                       ("dinov3_ade20k_semantic_large", {"mIoU", "pixel_accuracy"})])
 def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
     config = runlocal_config(name)
     config.total_steps = 1
