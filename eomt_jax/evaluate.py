@@ -11,6 +11,10 @@ the COCO panopticapi rules, instance AP/AP50/AP75/APs/APm/APl with pycocotools `
 from the annotation file, the official protocol), semantic mIoU and pixel accuracy. A figure with nothing to score
 against (AP of large objects when there are none) is null, not 0. `--per-class FILE` writes the per-class table as
 JSON. Folders may also be zip files.
+
+Inputs that cannot be scored (truncated or invalid JSON, a result without `score`, image or category ids the ground
+truth does not have, masks of another size than their image, an empty ground truth) end in one line on stderr,
+`error: FILE: what was expected`, and exit status 1.
 """
 
 from __future__ import annotations

@@ -1,35 +1,54 @@
 """`python -m eomt_jax.predict`: run a converted checkpoint on your own images.
 
     python -m eomt_jax.predict --checkpoint checkpoints/coco_panoptic_eomt_large_640 --task panoptic \\
-        --input photos/ street.jpg --output predictions/ [--dataset coco_panoptic] [--batch-size 4] [--dtype bfloat16]
+        --input photos/ street.jpg --output predictions/ [--dataset coco_panoptic] [--gt-json FILE] \\
+        [--batch-size 4] [--dtype bfloat16] [--overwrite]
 
 For every image: `<stem>_overlay.png` (panoptic colours with class names, instance outlines with scores, or a
 semantic palette) and the standard prediction files:
-  panoptic  `panoptic/<stem>.png` (COCO panoptic RGB ids) + `panoptic.json` (COCO panoptic annotations)
-  instance  `instances.json` (COCO results with RLE masks; category ids are the class index + 1)
+  panoptic  `panoptic/<stem>.png` (COCO panoptic RGB ids) + `panoptic.json` (COCO panoptic images/annotations)
+  instance  `instances.json` (COCO results with RLE masks)
   semantic  `semantic/<stem>.png` (single-channel class indices)
+and `images.json`, the COCO "images" list (id, file_name, height, width) of the images predicted.
 Class names come from the checkpoint's metadata, else from `--dataset`, else they are numbered.
+
+Ids, so that `python -m eomt_jax.evaluate` can score the files against an annotation file:
+  image ids     with `--gt-json` those of its "images" entries with the same file name (else the same stem; an
+                image it does not list fails); else, when every file stem is a number (COCO's `000000039769.jpg`),
+                that number (39769); else 1, 2, ... in input order. images.json records which is which.
+  category ids  with `--gt-json` those of its categories (sorted by id, one per class); else the dataset's own
+                for COCO checkpoints (`--dataset`, else the one stored at conversion); else the class index + 1.
+
+Images are read with their EXIF orientation applied; 16-bit and float images (Pillow modes I;16, I, F) are scaled
+to 8 bits (16-bit: value / 257; float: [0, 1] or [0, 255] as the values fit), other modes converted to RGB
+(alpha dropped). Each image is predicted and written on its own: an image that cannot be read or predicted is
+reported (`error: FILE: reason`) and skipped, and the others are still written. The JSON files are written at the
+end, also when some images failed or the run is interrupted. Every file is written under a temporary name and
+renamed into place. The exit status is 0 when every image was written and 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from eomt_jax import pretrained
-from eomt_jax.atomic import atomic_directory
-from eomt_jax.data.classes import dataset_classes
-from eomt_jax.inference.formats import PredictionWriter
+from eomt_jax.data import classes
+from eomt_jax.inference.formats import PredictionWriter, plus_one, write_png
 from eomt_jax.inference.forward import make_forward
 from eomt_jax.inference.overlays import overlay
 from eomt_jax.inference.pipeline import predict
+from eomt_jax.jsonio import read_json
 from eomt_jax.models.eomt import PRECISIONS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Category ids of the datasets whose annotation files use ids of their own (as the data sources write them).
+DATASET_CATEGORY_IDS = {"coco_panoptic": classes.COCO_PANOPTIC_IDS, "coco_instance": classes.COCO_THING_IDS}
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -51,12 +70,106 @@ def find_images(inputs: list[str]) -> list[Path]:
     return files
 
 
+# ----------------------------------------------------------------------------------------- reading images
+
+
+def _gray_to_rgb8(values: np.ndarray, scale: float) -> np.ndarray:
+    gray = np.clip(np.round(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """A Pillow image as uint8 RGB (H, W, 3), high-bit-depth modes scaled rather than clipped."""
+    if im.mode.startswith("I;16"):
+        return _gray_to_rgb8(np.asarray(im), 255 / 65535)
+    if im.mode == "I":  # 32-bit integers: how Pillow may hold a 16-bit grayscale PNG or TIFF
+        values = np.asarray(im)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"32-bit integer pixels in [{values.min()}, {values.max()}]: expected [0, 65535]")
+        return _gray_to_rgb8(values, 255 / 65535)
+    if im.mode == "F":
+        values = np.asarray(im)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+            raise ValueError(f"float pixels in [{values.min()}, {values.max()}]: expected [0, 1] or [0, 255]")
+        return _gray_to_rgb8(values, 255.0 if values.max() <= 1 else 1.0)
+    return np.asarray(im.convert("RGB"))
+
+
 def load_image(path: Path) -> np.ndarray:
+    """The image as it is displayed (EXIF orientation applied), uint8 RGB; ValueError naming the file otherwise."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+            im.load()  # decode now: a truncated file fails here
+            return to_rgb8(ImageOps.exif_transpose(im))
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, this image cannot be read
+        raise ValueError(f"cannot read image ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------------------------------- ids
+
+
+def _gt_categories(gt: dict, gt_json: str, num_classes: int) -> Callable[[int], int]:
+    try:
+        ids = sorted(int(c["id"]) for c in gt["categories"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{gt_json}: every 'categories' entry needs an integer 'id'") from None
+    if len(ids) != num_classes:
+        raise ValueError(f"{gt_json}: {len(ids)} categories, but the checkpoint predicts {num_classes} classes")
+    return lambda label: ids[label]
+
+
+def category_ids(gt: dict | None, gt_json: str | None, dataset: str | None, num_classes: int):
+    """class index -> category id: from the annotation file, else the dataset's own, else index + 1."""
+    if gt is not None:
+        return _gt_categories(gt, gt_json, num_classes)
+    if dataset in DATASET_CATEGORY_IDS and len(DATASET_CATEGORY_IDS[dataset]) == num_classes:
+        ids = DATASET_CATEGORY_IDS[dataset]
+        return lambda label: int(ids[label])
+    return plus_one
+
+
+def image_ids(files: list[Path], gt: dict | None, gt_json: str | None) -> tuple[dict[Path, int], dict[Path, str], str]:
+    """(id per file, reason per file without one, how the ids were chosen); see the module docstring."""
+    if gt is not None:
+        by_name, by_stem = {}, {}
+        try:
+            for entry in gt["images"]:
+                name = Path(str(entry["file_name"])).name
+                by_name[name] = by_stem[Path(name).stem] = int(entry["id"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{gt_json}: every 'images' entry needs an integer 'id' and a 'file_name'") from None
+        ids, missing = {}, {}
+        for f in files:
+            found = by_name.get(f.name, by_stem.get(f.stem))
+            if found is None:
+                missing[f] = f"no entry with file name {f.name} in the 'images' of {gt_json}"
+            else:
+                ids[f] = found
+        return ids, missing, f"image ids from {gt_json}"
+    numbers = [int(f.stem) if f.stem.isdigit() else None for f in files]
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return dict(zip(files, numbers)), {}, "image ids from the file names"
+    return ({f: k + 1 for k, f in enumerate(files)}, {},
+            "image ids 1..N in input order (the file names are not all distinct numbers); see images.json")
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="converted checkpoint directory")
     p.add_argument("--task", required=True, choices=["panoptic", "instance", "semantic"])
     p.add_argument("--input", required=True, nargs="+", help="image files and/or folders")
-    p.add_argument("--output", required=True, help="output folder (created; must not exist unless --overwrite)")
-    p.add_argument("--dataset", help="class names of this dataset when the checkpoint carries none")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--output", required=True,
+                   help="output folder (created; an existing one only with --overwrite)")
+    p.add_argument("--dataset", help="class names (and COCO category ids) of this dataset when the checkpoint "
+                                     "carries none")
+    p.add_argument("--gt-json", help="COCO annotation file whose image and category ids the predictions use "
+                                     "(images matched by file name)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--dtype", choices=sorted(PRECISIONS),
                    help="precision policy (default: the checkpoint's, float32); mixed_bfloat16 computes as the "
                         "original's autocast; bfloat16 runs fastest on accelerators and on CPUs with bf16 matrix units "
                         "(AMX), at bf16 accuracy")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing output folder, replacing files of the same names")
     args = p.parse_args(argv)
     try:
         return _main(args)
@@ -81,36 +199,95 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    files = find_images(args.input)
+    out = Path(args.output)
+    if out.exists() and not (args.overwrite and out.is_dir()):
+        raise FileExistsError(f"{out} already exists; pass --overwrite to write into it" if out.is_dir()
+                              else f"{out} exists and is not a folder")
+    gt = read_json(args.gt_json, ("images", "categories")) if args.gt_json else None
     model = pretrained.load(args.checkpoint, dtype=args.dtype)
     meta = pretrained.read_metadata(args.checkpoint)
     c = model.config.num_classes
     if args.dataset:
-        names, stuff = dataset_classes(args.dataset)
+        names, stuff = classes.dataset_classes(args.dataset)
     elif "class_names" in meta:
         names, stuff = list(meta["class_names"]), list(meta.get("stuff_classes", []))
     else:
         names, stuff = [f"class {k}" for k in range(c)], []
     if len(names) != c:
         raise ValueError(f"{len(names)} class names for a checkpoint with {c} classes")
-    files = find_images(args.input)
-    out = Path(args.output)
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
-        _run(model, args, files, names, stuff, tmp)
-    print(f"wrote predictions for {len(files)} image(s) to {out}")
+    category_id = category_ids(gt, args.gt_json, args.dataset or meta.get("dataset"), c)
+    ids, failures, how = image_ids(files, gt, args.gt_json)
+    if args.task != "semantic":
+        print(how)
+    for f, reason in failures.items():
+        print(f"error: {f}: {reason}")
+
+    writer = PredictionWriter(out, args.task, names, stuff, category_id=category_id)
+    forward = make_forward(model, args.batch_size, masked_attn=False)
+    todo = [f for f in files if f not in failures]
+    try:
+        with tqdm(total=len(todo), desc="predict", unit="image") as bar:
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start : start + args.batch_size]
+                for path, result in _predict_batch(args.task, forward, model, stuff, batch):
+                    bar.update(1)
+                    if not isinstance(result, str):
+                        result = _write(args.task, out, writer, names, path, ids[path], *result)
+                    if result is not None:
+                        failures[path] = result
+                        tqdm.write(f"error: {path}: {result}")
+    finally:
+        writer.close()  # the images written so far, even when interrupted
+    done = len(files) - len(failures)
+    if failures:
+        named = ", ".join(f.name for f in list(failures)[:5]) + (", ..." if len(failures) > 5 else "")
+        print(f"wrote predictions for {done} of {len(files)} image(s) to {out}; {len(failures)} failed ({named})")
+        return 1
+    print(f"wrote predictions for {done} image(s) to {out}")
     return 0
 
 
-def _run(model, args, files, names, stuff, out: Path) -> None:
-    forward = make_forward(model, args.batch_size, masked_attn=False)
-    writer = PredictionWriter(out, args.task, names, stuff)
-    for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch"):
-        chunk = files[start : start + args.batch_size]
-        images = [load_image(f) for f in chunk]
-        preds = predict(args.task, forward, images, model.config.image_size, stuff_classes=stuff)
-        for path, image, pred in zip(chunk, images, preds):
-            writer.add(path.stem, pred)
-            Image.fromarray(overlay(args.task, image, pred, names)).save(out / f"{path.stem}_overlay.png")
-    writer.close()
+def _write(task, out, writer, names, path, image_id, image, pred) -> str | None:
+    """The image's overlay and prediction files; the reason when they cannot be written."""
+    try:
+        write_png(out / f"{path.stem}_overlay.png", overlay(task, image, pred, names))
+        writer.add(path.stem, pred, image_id=image_id, file_name=path.name)
+    except Exception as e:  # noqa: BLE001 - a file that cannot be written fails this image only
+        return f"cannot write the outputs ({_one_line(e)})"
+    return None
+
+
+def _predict_batch(task, forward, model, stuff, paths) -> Iterator[tuple[Path, str | tuple[np.ndarray, object]]]:
+    """(path, (image, prediction)) per image of `paths`, or (path, reason) for an image that failed. A batch that
+    fails is retried image by image, so one impossible image does not take the others with it."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path)))
+        except ValueError as e:
+            yield path, str(e)
+    if not loaded:
+        return
+
+    def run(images):
+        return predict(task, forward, images, model.config.image_size, stuff_classes=stuff)
+
+    try:
+        preds = run([image for _, image in loaded])
+    except Exception as e:  # noqa: BLE001 - isolated below
+        if len(loaded) == 1:
+            yield loaded[0][0], f"cannot predict ({_one_line(e)})"
+            return
+    else:
+        for (path, image), pred in zip(loaded, preds):
+            yield path, (image, pred)
+        return
+    for path, image in loaded:
+        try:
+            yield path, (image, run([image])[0])
+        except Exception as e:  # noqa: BLE001 - this image fails, the others go on
+            yield path, f"cannot predict ({_one_line(e)})"
 
 
 if __name__ == "__main__":

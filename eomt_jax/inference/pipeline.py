@@ -92,12 +92,14 @@ def predict_instance(forward_fn: ForwardFn, images: Sequence[np.ndarray], image_
 
 
 def predict_semantic(forward_fn: ForwardFn, images: Sequence[np.ndarray], image_size, *,
-                     window_multiple: int = 8, canvas_multiple: int = 128, all_outputs: bool = False):
-    """Per image an (H, W) int32 array of class indices in [0, C)."""
+                     window_multiple: int = 8, canvas_multiple: int = 128, all_outputs: bool = False,
+                     max_windows: int = preprocess.MAX_WINDOWS):
+    """Per image an (H, W) int32 array of class indices in [0, C). An image needing more than `max_windows`
+    windows is letterboxed to that many (see `preprocess`)."""
     size = _square(image_size)
     if not len(images):
         raise ValueError("no images given")
-    cuts = [preprocess.semantic_windows(image, size) for image in images]
+    cuts = [preprocess.semantic_windows(image, size, max_windows) for image in images]
     windows = np.concatenate([c.windows for c in cuts])
     image_of = np.concatenate([np.full(len(c.starts), i, np.int32) for i, c in enumerate(cuts)])
     starts = np.concatenate([np.asarray(c.starts, np.int32) for c in cuts])

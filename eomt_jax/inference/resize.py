@@ -9,6 +9,10 @@ region are zero. A resize is then two matmuls, which the accelerator runs at ful
 
 Cropping is free in this form: reading only the first `n_in` of `in_len` input pixels *is* the crop, which is how
 "crop the padded logits to the resized image, then resize to the original size" becomes one matrix.
+
+Resizing to an original photo's size is where memory grows with the photo: Q mask-logit maps of 12 megapixels
+take 10 GB in float32. The post-processing therefore produces full-resolution maps one band of output rows at a
+time (`band_rows` rows, `apply_rows_first`), keeping only what each band contributes.
 """
 
 from __future__ import annotations
@@ -47,6 +51,38 @@ def apply_separable(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array
     """`rows @ x @ cols.T` over the last two axes of `x` (..., h, w) -> (..., rows.shape[0], cols.shape[0])."""
     y = jnp.einsum("...hw,ow->...ho", x, cols, precision=_PRECISION)
     return jnp.einsum("oh,...hw->...ow", rows, y, precision=_PRECISION)
+
+
+def apply_rows_first(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """`apply_separable` contracting the rows first: for a band of a few output rows, the intermediate is
+    (..., band, w) instead of (..., h, out_width)."""
+    y = jnp.einsum("oh,...hw->...ow", rows, x, precision=_PRECISION)
+    return jnp.einsum("...hw,ow->...ho", y, cols, precision=_PRECISION)
+
+
+# A band of float32 maps at original resolution stays within this many bytes (a few such arrays are alive at once).
+BAND_BYTES = 64 * 2**20
+
+
+def band_rows(num_maps: int, out_hw: tuple[int, int], requested: int | None = None) -> int:
+    """Output rows per band for `num_maps` float32 maps of width `out_hw[1]`: `requested` when given, else the
+    largest power of two up to 128 (so bands tile canvases that are multiples of 128) within `BAND_BYTES`, at
+    least 1, and no taller than the output needs."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"band_rows must be positive, got {requested}")
+        return int(requested)
+    rows = 128
+    while rows > 1 and num_maps * rows * int(out_hw[1]) * 4 > BAND_BYTES:
+        rows //= 2
+    while rows > 1 and rows // 2 >= int(out_hw[0]):
+        rows //= 2
+    return rows
+
+
+def band_slice(x: jax.Array, i, rows: int, axis: int = 0) -> jax.Array:
+    """Band `i` (traced) of `rows` rows along `axis`."""
+    return jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=axis)
 
 
 def resize_bilinear(x: jax.Array, out_size: tuple[int, int]) -> jax.Array:

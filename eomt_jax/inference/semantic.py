@@ -19,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from eomt_jax.inference.resize import apply_separable, bilinear_matrix
+from eomt_jax.inference import resize
+from eomt_jax.inference.resize import apply_rows_first, apply_separable, band_slice, bilinear_matrix
 
 
 @functools.partial(jax.jit, static_argnames=("window_size",))
@@ -46,9 +47,9 @@ def window_class_scores(mask_logits, class_logits, *, window_size: int):
     return jax.lax.map(one, (mask_logits, class_logits))
 
 
-@functools.partial(jax.jit, static_argnames=("canvas_long", "out_canvas"))
+@functools.partial(jax.jit, static_argnames=("canvas_long", "out_canvas", "band_rows"))
 def stitch_windows(scores, window_image, window_start, resized_hw, orig_hw, *, canvas_long: int,
-                   out_canvas: tuple[int, int]):
+                   out_canvas: tuple[int, int], band_rows: int | None = None):
     """Average window scores per image, resize to the original size, argmax -> canonical labels.
 
     scores (N, C, S, S) from `window_class_scores`; window_image (N,) int32, the image each window belongs to
@@ -56,6 +57,7 @@ def stitch_windows(scores, window_image, window_start, resized_hw, orig_hw, *, c
     (B, 2) int32 natural (h, w) sizes. `canvas_long` (static) must be >= every resized long side and
     `out_canvas` (static) >= every original (short, long) size. Returns (B, *out_canvas) int32 labels in the
     canonical orientation: image b's labels are `[:short_b, :long_b]`, transposed if the image is portrait.
+    The resize to the original size runs in bands of `band_rows` output rows (default: `resize.band_rows`).
     """
     if scores.ndim != 4 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"expected window scores (N, C, S, S), got {scores.shape}")
@@ -73,6 +75,7 @@ def stitch_windows(scores, window_image, window_start, resized_hw, orig_hw, *, c
     orig_hw = jnp.asarray(orig_hw, jnp.int32)
     portrait = resized_hw[:, 0] > resized_hw[:, 1]
     resized_long = jnp.max(resized_hw, axis=1)
+    resized_short = jnp.minimum(jnp.min(resized_hw, axis=1), size)
     orig_c = jnp.where(portrait[:, None], orig_hw[:, ::-1], orig_hw)
 
     image = jnp.asarray(window_image, jnp.int32)
@@ -99,10 +102,21 @@ def stitch_windows(scores, window_image, window_start, resized_hw, orig_hw, *, c
     # poison the matmul with NaN.
     mean = jnp.where(counts[:, None, None, :] > 0, sums / jnp.maximum(counts, 1.0)[:, None, None, :], 0.0)
 
-    def resize_one(x, oc, long_b):
-        rows = bilinear_matrix(oc[0], size, out_canvas[0], size)
-        cols = bilinear_matrix(oc[1], long_b, out_canvas[1], canvas_long)
-        return jnp.argmax(apply_separable(x, rows, cols), axis=0).astype(jnp.int32)
+    rows_per_band = resize.band_rows(num_c, out_canvas, band_rows)
+    num_bands = -(-out_canvas[0] // rows_per_band)
 
-    # Per image, so only one (C, *out_canvas) score map is alive at a time.
-    return jax.lax.map(lambda a: resize_one(*a), (mean, orig_c, resized_long))
+    def resize_one(x, oc, short_b, long_b):
+        # The rows read only the first `short_b` of the window's S rows: a letterboxed (padded) short side is cut.
+        rows = bilinear_matrix(oc[0], short_b, num_bands * rows_per_band, size)
+        cols = bilinear_matrix(oc[1], long_b, out_canvas[1], canvas_long)
+
+        def band(_, i):
+            # Band by band: the (C, *out_canvas) scores of a 12-megapixel photo would take C × 50 MB.
+            scores = apply_rows_first(x, band_slice(rows, i, rows_per_band), cols)
+            return None, jnp.argmax(scores, axis=0).astype(jnp.int32)
+
+        _, labels = jax.lax.scan(band, None, jnp.arange(num_bands))
+        return labels.reshape(num_bands * rows_per_band, out_canvas[1])[: out_canvas[0]]
+
+    # Per image, so only one image's bands are alive at a time.
+    return jax.lax.map(lambda a: resize_one(*a), (mean, orig_c, resized_short, resized_long))

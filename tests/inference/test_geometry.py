@@ -128,6 +128,24 @@ def test_semantic_windows_cut_the_resized_image(hw, n):
     assert cut.starts[-1] + 32 == max(new_h, new_w)
 
 
+def test_sides_that_would_round_to_zero_keep_one_pixel():
+    assert preprocess.long_side_size((2, 3000), 640) == (1, 640)  # round(0.43) is 0: Pillow would refuse it
+    padded, resized = preprocess.resize_and_pad(np.full((2, 3000, 3), 100, np.uint8), 64)
+    assert resized == (1, 64) and (padded[:1] == 100).all() and not padded[1:].any()
+
+
+def test_semantic_size_caps_the_window_count():
+    assert preprocess.semantic_size((512, 683), 512) == (512, 683)  # ordinary images: the original's resize
+    assert preprocess.semantic_size((1024, 2048), 1024) == (1024, 2048)
+    n = preprocess.MAX_WINDOWS
+    assert preprocess.semantic_size((64, 64 * n), 64) == (64, 64 * n)  # n windows: still the original's
+    assert preprocess.semantic_size((64, 64 * n + 70), 64) == (56, 64 * n)  # n + 1: long side to n windows
+    assert preprocess.semantic_size((3000, 2), 64) == (64 * n, 1)  # 1500 windows otherwise
+    cut = preprocess.semantic_windows(np.full((2, 3000, 3), 100, np.uint8), 64)
+    assert cut.windows.shape == (n, 64, 64, 3) and cut.resized_hw == (1, 64 * n) and not cut.portrait
+    assert (cut.windows[:, :1] == 100).all() and not cut.windows[:, 1:].any()
+
+
 def test_bad_images_are_rejected():
     with pytest.raises(ValueError, match="uint8 RGB"):
         preprocess.semantic_windows(np.zeros((8, 8), np.uint8), 32)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from eomt_jax.inference import pipeline, semantic
 from tests.inference import reference
@@ -84,3 +85,24 @@ def test_stitch_averages_overlaps():
 def test_non_square_image_size_is_refused():
     with pytest.raises(ValueError, match="square"):
         pipeline.predict_semantic(make_forward(2, 2, SIZE), [np.zeros((8, 8, 3), np.uint8)], (32, 64))
+
+
+def test_elongated_images_are_letterboxed_into_max_windows():
+    # 6x200 needs 34 windows at its short-side size (32x1067); with max_windows=2 its long side spans 2 windows
+    # (64 px), its short side becomes round(6 * 64 / 200) = 2 px, zero-padded to the window.
+    forward = make_forward(6, NUM_C, SIZE, seed=4)
+    image = random_image(np.random.default_rng(1), 6, 200)
+    ours = pipeline.predict_semantic(forward, [image], SIZE, window_multiple=1, max_windows=2)[0]
+    assert forward.calls == [2]
+    canvas = np.zeros((SIZE, 2 * SIZE, 3), np.uint8)
+    canvas[:2] = np.asarray(Image.fromarray(image).resize((2 * SIZE, 2), Image.BILINEAR))
+    mask_list, class_list = forward(np.stack([canvas[:, :SIZE], canvas[:, SIZE:]]) / np.float32(255))
+    window_scores = [np.einsum("qhw,qc->chw", reference.sigmoid(reference.interpolate(m, (SIZE, SIZE))),
+                               reference.softmax(c)[:, :NUM_C]) for m, c in zip(mask_list[-1], class_list[-1])]
+    # Only the two image rows of the windows are resized to the original size; the padding is cut off.
+    stitched = np.concatenate(window_scores, axis=-1)
+    scores = reference.interpolate(stitched[:, :2], image.shape[:2])
+    _agree(ours, np.argmax(scores, axis=0), scores)
+    assert len(np.unique(ours)) > 1
+    with_padding = np.argmax(reference.interpolate(stitched, image.shape[:2]), axis=0)
+    assert (with_padding != ours).mean() > 0.5  # the padding rows would decide most labels
