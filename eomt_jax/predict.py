@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from eomt_jax import pretrained
 from eomt_jax.data import classes
-from eomt_jax.inference.formats import PredictionWriter, plus_one, write_png
+from eomt_jax.inference.formats import PredictionWriter, plus_one, save_png
 from eomt_jax.inference.forward import make_forward
 from eomt_jax.inference.overlays import overlay
 from eomt_jax.inference.pipeline import predict
@@ -251,7 +251,7 @@ def _main(args) -> int:
 def _write(task, out, writer, names, path, image_id, image, pred) -> str | None:
     """The image's overlay and prediction files; the reason when they cannot be written."""
     try:
-        write_png(out / f"{path.stem}_overlay.png", overlay(task, image, pred, names))
+        save_png(out / f"{path.stem}_overlay.png", overlay(task, image, pred, names))
         writer.add(path.stem, pred, image_id=image_id, file_name=path.name)
     except Exception as e:  # noqa: BLE001 - a file that cannot be written fails this image only
         return f"cannot write the outputs ({_one_line(e)})"

@@ -29,14 +29,15 @@ def plus_one(label: int) -> int:
     return label + 1
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
+def save_png(path: Path, array: np.ndarray) -> None:
     """`array` as a PNG at `path`, written atomically."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     write_file(path, buf.getvalue())
 
 
-def write_json(path: Path, data: Any) -> None:
+def save_json(path: Path, data: Any) -> None:
+    """`data` as JSON at `path`, written atomically."""
     write_file(path, json.dumps(data).encode())
 
 
@@ -44,7 +45,7 @@ def write_panoptic_png(folder: Path, stem: str, pred: np.ndarray, image_id, cate
     """COCO panoptic PNG of an (H, W, 2) prediction; returns its annotation entry."""
     ids = np.where(pred[..., 1] >= 0, pred[..., 1] + 1, 0)  # COCO: 0 = unlabeled
     rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-    write_png(folder / f"{stem}.png", rgb)
+    save_png(folder / f"{stem}.png", rgb)
     segments = []
     for sid in np.unique(ids[ids > 0]):
         region = ids == sid
@@ -67,7 +68,7 @@ def coco_results(pred: dict, image_id, category_id=plus_one) -> list[dict]:
 
 
 def write_semantic_png(folder: Path, stem: str, pred: np.ndarray, num_classes: int) -> None:
-    write_png(folder / f"{stem}.png", pred.astype(np.uint8 if num_classes <= 256 else np.uint16))
+    save_png(folder / f"{stem}.png", pred.astype(np.uint8 if num_classes <= 256 else np.uint16))
 
 
 def _image_hw(task: str, pred) -> tuple[int, int]:
@@ -123,8 +124,8 @@ class PredictionWriter:
         categories = [{"id": self.category_id(k), "name": n, "isthing": int(k not in self.stuff_classes)}
                       for k, n in enumerate(self.class_names)]
         if self.task == "panoptic":
-            write_json(self.folder / "panoptic.json",
+            save_json(self.folder / "panoptic.json",
                        {"images": images, "annotations": entries, "categories": categories})
         elif self.task == "instance":
-            write_json(self.folder / "instances.json", entries)
-        write_json(self.folder / "images.json", images)
+            save_json(self.folder / "instances.json", entries)
+        save_json(self.folder / "images.json", images)
