@@ -243,18 +243,3 @@ def pad_targets(sample: dict[str, Any], max_instances: int, image_id: str = "?",
     out_crowd[:n] = crowd
     return {"image": sample["image"], "masks_packed" if pack_masks else "masks": out_masks, "labels": out_labels,
             "valid": valid, "is_crowd": out_crowd}
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-def resize_and_pad(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Evaluation input: resize so the long side is `size` (Pillow bilinear), zero-pad bottom/right to
-    (size, size). Returns the padded image and the resized (h, w) before padding."""
-    h, w = image.shape[:2]
-    factor = min(size / h, size / w)
-    new_h, new_w = round(h * factor), round(w * factor)
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
-    out = np.zeros((size, size, 3), np.uint8)
-    out[:new_h, :new_w] = resized
-    return out, (new_h, new_w)
