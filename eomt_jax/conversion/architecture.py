@@ -1,11 +1,11 @@
-"""Reading the EoMT architecture (`EoMTConfig`) off official-named weights, cross-checked against a Hugging Face
-config.json and the user's overrides."""
+"""Reading the EoMT architecture (`EoMTConfig`) off official-named weights (DINOv2 or DINOv3 backbone),
+cross-checked against a Hugging Face config.json and the user's overrides."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -15,21 +15,29 @@ from eomt_jax.models.eomt import EoMTConfig
 
 
 def infer_config(
-    sd: dict[str, np.ndarray], hf_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+    sd: dict[str, np.ndarray], hf_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+    *, backbone: str = "dinov2", defaults: dict[str, Any] | None = None,
+    source_name: Callable[[str], str] = lambda key: key,
 ) -> EoMTConfig:
     """Read the architecture off official-named weights; `overrides` (from --config / --set) take precedence
-    for what cannot be read (heads, a non-square image size) and are cross-checked against what can."""
+    for what cannot be read (heads, a non-square image size) and are cross-checked against what can.
+
+    `backbone` says which family the weights are ("dinov2" or "dinov3"). DINOv3 weights hold no grid-dependent
+    tensor, so their image size must come from `hf_config`, `overrides` or `defaults` (lowest precedence; e.g. the
+    image size of a zoo name); their LayerNorm eps defaults to DINOv3's 1e-5. `source_name` names a missing key as
+    the source does.
+    """
     overrides = dict(overrides or {})
     need = [
         BB + "cls_token",
         BB + "patch_embed.proj.weight",
-        BB + "pos_embed",
+        *([BB + "pos_embed"] if backbone == "dinov2" else []),
         "network.q.weight",
         "network.class_head.weight",
         BB + "blocks.0.mlp.fc1.weight",
         BB + "blocks.0.mlp.fc2.weight",
     ]
-    absent = [k for k in need if k not in sd]
+    absent = [source_name(k) for k in need if k not in sd]
     if absent:
         raise ConversionError(problem_report(unknown=[], missing=absent, shapes=[]))
     dim = sd[BB + "cls_token"].shape[-1]
@@ -48,6 +56,7 @@ def infer_config(
             "(GELU MLP) or fc1 twice fc2 (packed SwiGLU)"
         )
     inferred: dict[str, Any] = dict(
+        backbone=backbone,
         embed_dim=dim,
         depth=depth,
         patch_size=patch,
@@ -59,7 +68,6 @@ def infer_config(
     )
     if "network.attn_mask_probs" in sd:
         inferred["num_blocks"] = sd["network.attn_mask_probs"].shape[0]
-    n_pos = sd[BB + "pos_embed"].shape[1]
 
     fixed: dict[str, Any] = {}
     if hf_config:
@@ -68,6 +76,11 @@ def infer_config(
         fixed["num_blocks"] = hf_config.get("num_blocks")
         if hf_config.get("image_size") is not None:
             fixed["image_size"] = hf_config["image_size"]
+        if backbone == "dinov3":
+            fixed["rope_theta"] = (hf_config.get("rope_parameters") or {}).get("rope_theta",
+                                                                                hf_config.get("rope_theta"))
+            if "pos_embed_rescale" in hf_config:  # null: no training-time rescale
+                fixed["rope_rescale"] = hf_config["pos_embed_rescale"] or 1.0
         fixed = {k: v for k, v in fixed.items() if v is not None}
 
     problems = []
@@ -77,7 +90,8 @@ def infer_config(
                 problems.append(f"{k}: the weights say {inferred[k]!r} but the configuration says {v!r}")
     if problems:
         raise ConversionError("architecture mismatch:\n  " + "\n  ".join(problems))
-    merged = {**inferred, **fixed, **overrides}
+    family_defaults = {"layer_norm_eps": 1e-5} if backbone == "dinov3" else {}
+    merged = {**family_defaults, **(defaults or {}), **inferred, **fixed, **overrides}
     merged.setdefault("num_heads", dim // 64 if dim % 64 == 0 else None)
     if merged["num_heads"] is None:
         raise ConversionError(f"cannot infer num_heads for width {dim} (not a multiple of 64); pass it explicitly")
@@ -85,6 +99,15 @@ def infer_config(
         raise ConversionError(
             "the checkpoint has no attn_mask_probs, so K (num_blocks) is unknown; pass it explicitly"
         )
+    if backbone == "dinov3":
+        if "image_size" not in merged:
+            raise ConversionError(
+                "DINOv3 weights do not tell the image size (no position table: the rotary positions follow the "
+                "input); pass it with --set image_size=640 (or (height, width)), or with --config, or keep the "
+                "model's zoo name (e.g. coco_panoptic_eomt_large_1280_dinov3) in the source's path"
+            )
+        return EoMTConfig.from_dict(merged)
+    n_pos = sd[BB + "pos_embed"].shape[1]
     if "image_size" not in merged:
         if not is_square(n_pos):
             raise ConversionError(

@@ -48,9 +48,13 @@ def _model_overrides(config_spec: str | None, sets: list[str]) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="torch_to_flax.py", description="Convert PyTorch EoMT / DINOv2 weights into an Orbax checkpoint."
+        prog="torch_to_flax.py",
+        description="Convert PyTorch EoMT / DINOv2 / DINOv3 weights into an Orbax checkpoint.",
     )
-    parser.add_argument("--src", required=True, help="pytorch_model.bin, HF EoMT dir/file, DINOv2 weights, or hub id")
+    parser.add_argument("--src", required=True,
+                        help="pytorch_model.bin, HF EoMT dir/file, DINOv2 or DINOv3 weights, or hub id")
+    parser.add_argument("--base", help="the DINOv3 backbone a zoo *_dinov3 pytorch_model.bin is a delta against "
+                                       "(HF dir, model.safetensors, Meta .pth, or hub id)")
     parser.add_argument("--dst", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--config", help="config file[:arg] whose `model` section overrides/cross-checks")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model field override")
@@ -65,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset:
             names, stuff = dataset_classes(args.dataset)
             metadata = {"dataset": args.dataset, "class_names": names, "stuff_classes": stuff}
+        base = resolve_src(args.base) if args.base else None
         out, config = convert(
-            resolve_src(args.src), args.dst, overrides=overrides, dtype=args.dtype, overwrite=args.overwrite,
-            seed=args.seed, metadata=metadata,
+            resolve_src(args.src), args.dst, base=base, overrides=overrides, dtype=args.dtype,
+            overwrite=args.overwrite, seed=args.seed, metadata=metadata,
         )
         if metadata and len(metadata["class_names"]) != config.num_classes:
             shutil.rmtree(out)

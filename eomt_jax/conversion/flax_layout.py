@@ -4,7 +4,7 @@ and conv transposes), checked key by key and shape by shape against the paths a 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from flax import nnx
@@ -64,11 +64,14 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
 
 
 def official_to_flat(sd: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                     source_name: Callable[[str], str] = lambda key: key) -> dict[str, np.ndarray]:
+                     source_name: Callable[[str], str] = lambda key: key, *,
+                     missing: Sequence[str] = (), problems: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Map official-named tensors onto Flax paths ('a/b/c'), checking every key and shape against `expected`.
 
     Collects every unknown key, missing key and shape mismatch, then raises once; every key is named as the
     source names it (`source_name` of its official name), a missing one with its Flax path in brackets.
+    `missing` (keys) and `problems` (lines) are what earlier steps found, already in the source's naming; they
+    join the same report.
     """
     sd = dict(sd)
     # Loss-only buffer, regenerated from the loss config at training time.
@@ -101,7 +104,8 @@ def official_to_flat(sd: dict[str, np.ndarray], expected: dict[str, tuple[int, .
         elif flat[path].shape != tuple(expected[path]):
             shapes.append(f"{source_name(key)}: shape {tuple(value.shape)} maps to {flat[path].shape}, expected "
                           f"{tuple(expected[path])}")
-    missing = [f"{source_name(official_name(p) or p)} ({p})" for p in expected if p not in flat]
+    missing = [*missing, *(f"{source_name(official_name(p) or p)} ({p})" for p in expected if p not in flat)]
+    shapes = [*problems, *shapes]
     if unknown or missing or shapes:
         raise ConversionError(problem_report(unknown=unknown, missing=missing, shapes=shapes))
     return flat

@@ -1,8 +1,9 @@
 """Source formats and their renaming into the official EoMT names (`network.*`, as in the original's model zoo).
 
 `detect_format` tells the kind of checkpoint from its keys: "official", "hf_eomt" (Hugging Face
-EomtForUniversalSegmentation), "hf_dinov2" or "timm_dinov2" (backbone only). `hf_eomt_to_official` and
-`dinov2_to_official` rename the others into official names, fusing split q/k/v projections and SwiGLU halves.
+EomtForUniversalSegmentation), "hf_dinov2" or "timm_dinov2" (backbone only), and their DINOv3 counterparts
+(`DINOV3_FORMATS`, renamed by `conversion.dinov3`). `hf_eomt_to_official` and `dinov2_to_official` rename the
+DINOv2 forms into official names, fusing split q/k/v projections and SwiGLU halves.
 """
 
 from __future__ import annotations
@@ -19,30 +20,66 @@ from eomt_jax.conversion.errors import ConversionError, problem_report
 BB = "network.encoder.backbone."
 
 
-def detect_format(keys) -> str:
+# The DINOv3 forms: the original's zoo files (backbone named as transformers' DINOv3ViTModel under
+# `network.encoder.backbone.`), Hugging Face EomtDinov3ForUniversalSegmentation, and DINOv3 backbones in Hugging Face
+# hub or Meta (`facebookresearch/dinov3`) naming.
+DINOV3_FORMATS = ("official_dinov3", "hf_eomt_dinov3", "hf_dinov3", "meta_dinov3")
+
+
+def detect_format(keys, hf_config: dict[str, Any] | None = None) -> str:
+    """The kind of checkpoint, from its keys (and the `model_type` of a Hugging Face config.json, when given)."""
     keys = set(keys)
     if any(k.startswith("network.") for k in keys):
-        return "official"
+        dinov3 = (BB + "patch_embed.patch_embeddings.weight" in keys or BB + "patch_embed.cls_token" in keys
+                  or any(re.match(re.escape(BB) + r"blocks\.\d+\.attention\.", k) for k in keys))
+        return "official_dinov3" if dinov3 else "official"
     stripped = {_strip_hf_prefix(k) for k in keys}
+    model_type = (hf_config or {}).get("model_type")
     if "query.weight" in stripped and any(k.startswith("embeddings.") for k in stripped):
-        return "hf_eomt"
+        if model_type in ("eomt", "eomt_dinov3"):
+            return {"eomt": "hf_eomt", "eomt_dinov3": "hf_eomt_dinov3"}[model_type]
+        # EomtDinov3 has no position table, no `.projection.` level in the patch embedding and no key bias.
+        rope_only = "embeddings.position_embeddings.weight" not in stripped and not any(
+            re.match(r"layers\.\d+\.attention\.k_proj\.bias$", k) for k in stripped)
+        return "hf_eomt_dinov3" if "embeddings.patch_embeddings.weight" in stripped or rope_only else "hf_eomt"
     if any(k.startswith("encoder.layer.") for k in stripped) and "embeddings.cls_token" in stripped:
         return "hf_dinov2"
+    if "embeddings.cls_token" in stripped and (
+        "embeddings.patch_embeddings.weight" in stripped or any(re.match(r"layer\.\d+\.", k) for k in stripped)
+    ):
+        return "hf_dinov3"
+    if "storage_tokens" in keys or "rope_embed.periods" in keys or any(k.endswith(".qkv.bias_mask") for k in keys):
+        return "meta_dinov3"
     if "cls_token" in keys and any(k.startswith("blocks.") for k in keys):
         return "timm_dinov2"
     raise ConversionError(
-        "unrecognised checkpoint: expected official EoMT keys (network.*), Hugging Face EoMT keys "
-        "(embeddings.*, layers.*, query.weight), or a DINOv2 backbone (timm blocks.* or HF encoder.layer.*); "
+        "unrecognised checkpoint: expected official EoMT keys (network.*), Hugging Face EoMT or EoMT-DINOv3 keys "
+        "(embeddings.*, layers.*, query.weight), a DINOv2 backbone (timm blocks.* or HF encoder.layer.*), or a "
+        "DINOv3 backbone (HF embeddings.* + layer.*, or Meta storage_tokens + blocks.*); "
         f"first keys: {sorted(keys)[:8]}"
     )
 
 
 def _strip_hf_prefix(k: str) -> str:
-    for p in ("model.", "eomt."):
+    for p in ("model.", "eomt_dinov3.", "eomt."):
         if k.startswith(p):
             return k[len(p) :]
     return k
 
+
+# Hugging Face EoMT heads -> official names; the same for EomtForUniversalSegmentation and
+# EomtDinov3ForUniversalSegmentation.
+HF_HEAD_RENAMES: list[tuple[str, str]] = [
+    (r"^query\.weight$", "network.q.weight"),
+    (r"^class_predictor\.(weight|bias)$", r"network.class_head.\1"),
+    (r"^mask_head\.fc1\.(weight|bias)$", r"network.mask_head.0.\1"),
+    (r"^mask_head\.fc2\.(weight|bias)$", r"network.mask_head.2.\1"),
+    (r"^mask_head\.fc3\.(weight|bias)$", r"network.mask_head.4.\1"),
+    (r"^upscale_block\.block\.(\d+)\.(conv1|conv2)\.(weight|bias)$", r"network.upscale.\1.\2.\3"),
+    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)$", r"network.upscale.\1.norm.\2"),
+    (r"^attn_mask_probs$", "network.attn_mask_probs"),
+    (r"^criterion\.empty_weight$", "criterion.empty_weight"),
+]
 
 # Hugging Face EomtForUniversalSegmentation -> official names. Entries are (pattern, replacement); keys that need
 # tensor surgery (split q/k/v projections, gated MLP halves) are handled in hf_eomt_to_official.
@@ -60,15 +97,7 @@ _HF_RENAMES: list[tuple[str, str]] = [
     (r"^layers\.(\d+)\.mlp\.weights_out\.(weight|bias)$", BB + r"blocks.\1.mlp.fc2.\2"),
     (r"^layers\.(\d+)\.mlp\.down_proj\.(weight|bias)$", BB + r"blocks.\1.mlp.fc2.\2"),
     (r"^layernorm\.(weight|bias)$", BB + r"norm.\1"),
-    (r"^query\.weight$", "network.q.weight"),
-    (r"^class_predictor\.(weight|bias)$", r"network.class_head.\1"),
-    (r"^mask_head\.fc1\.(weight|bias)$", r"network.mask_head.0.\1"),
-    (r"^mask_head\.fc2\.(weight|bias)$", r"network.mask_head.2.\1"),
-    (r"^mask_head\.fc3\.(weight|bias)$", r"network.mask_head.4.\1"),
-    (r"^upscale_block\.block\.(\d+)\.(conv1|conv2)\.(weight|bias)$", r"network.upscale.\1.\2.\3"),
-    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)$", r"network.upscale.\1.norm.\2"),
-    (r"^attn_mask_probs$", "network.attn_mask_probs"),
-    (r"^criterion\.empty_weight$", "criterion.empty_weight"),
+    *HF_HEAD_RENAMES,
 ]
 
 
