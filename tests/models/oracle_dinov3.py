@@ -119,13 +119,14 @@ def official_names(sd: dict) -> dict:
 
 
 def official_state_dict(model) -> dict[str, torch.Tensor]:
-    """The original's absolute state dict of the oracle (its order: buffers, then backbone, then heads)."""
+    """The original's absolute state dict of the oracle (its order: buffers, then backbone, then heads); the
+    tensors are the model's own, not copies."""
     out = {
-        "network.attn_mask_probs": model.attn_mask_probs.detach().clone(),
+        "network.attn_mask_probs": model.attn_mask_probs.detach(),
         "network.encoder.pixel_mean": torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1),
         "network.encoder.pixel_std": torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1),
     }
-    out.update(official_names({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    out.update(official_names({k: v.detach() for k, v in model.state_dict().items()}))
     return out
 
 
@@ -176,9 +177,10 @@ def save_hub_backbone(model, base: dict[str, torch.Tensor], path: Path) -> Path:
         intermediate_size=c.intermediate_size, num_register_tokens=c.num_register_tokens, patch_size=16,
         image_size=c.image_size, layer_norm_eps=1e-5, use_gated_mlp=c.use_gated_mlp, hidden_act=c.hidden_act,
     )
-    backbone = DINOv3ViTModel(cfg)
+    with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+        backbone = DINOv3ViTModel(cfg)
     sd = {re.sub(r"^layer\.", "model.layer.", k): v for k, v in hub_backbone(base).items()}
-    backbone.load_state_dict(sd, strict=True)
+    backbone.load_state_dict(sd, strict=True, assign=True)
     backbone.save_pretrained(str(path))
     return path
 

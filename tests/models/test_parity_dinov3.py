@@ -144,3 +144,32 @@ def test_rope_tables_match_transformers(case, monkeypatch):
     ours = rope_tables(grid, head_dim, 100.0, scales[0])
     np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_eomt_large_640_through_the_delta_format(tmp_path):
+    """EoMT-L DINOv3 at 640 (the COCO panoptic zoo architecture, random weights) from a delta file and a
+    `save_pretrained` hub base, with nothing but the zoo folder name to give the image size. The network has no
+    grid-bound parameter, so it is compared with the oracle on a small input (8 x 6 patches), masked attention on."""
+    import gc
+
+    from eomt_jax.models.eomt import preset
+
+    model = oracle_dinov3.build(hidden_size=1024, depth=24, heads=16, intermediate=4096, num_blocks=4,
+                                queries=200, labels=133, registers=4, image_hw=(128, 96), perturb_matrices=False)
+    images = np.random.default_rng(0).uniform(0, 1, (1, 128, 96, 3)).astype(np.float32)
+    ref_masks, ref_classes = oracle_dinov3.run(model, images, probs=1.0)
+    delta, base = oracle_dinov3.save_delta(model, tmp_path / "coco_panoptic_eomt_large_640_dinov3")
+    del model
+    gc.collect()
+    dst = tmp_path / "out"
+    assert convert_main(["--src", str(delta), "--base", str(base), "--dst", str(dst)]) == 0
+    net = pretrained.load(dst, masked_attn_enabled=True)
+    assert net.config == preset("L", backbone="dinov3", num_classes=133, num_queries=200, image_size=640)
+    masks, classes = _forward(net, images, np.ones((4,), np.float32))
+    assert len(masks) == 5 and masks[-1].shape == (1, 200, 32, 24) and classes[-1].shape == (1, 200, 134)
+    # The logits must not be trivially small for the tolerance to mean much.
+    assert np.abs(ref_masks[-1]).max() > 1.0
+    for j in range(5):
+        np.testing.assert_allclose(np.asarray(masks[j]), ref_masks[j], atol=TOL, rtol=0, err_msg=f"output {j}")
+        np.testing.assert_allclose(np.asarray(classes[j]), ref_classes[j], atol=TOL, rtol=0, err_msg=f"output {j}")
