@@ -30,12 +30,7 @@ from typing import Callable
 import numpy as np
 
 from eomt_jax.conversion.errors import ConversionError
-from eomt_jax.conversion.formats import (
-    BB,
-    HF_HEAD_RENAMES,
-    _strip_hf_prefix,
-    invert_rename,
-)
+from eomt_jax.conversion.formats import BB, HF_HEAD_RENAMES, invert_rename, strip_hf_prefix
 from eomt_jax.models.eomt import IMAGENET_MEAN, IMAGENET_STD
 
 Namer = Callable[[str], str]
@@ -153,7 +148,7 @@ def _rename(sd, rules, ignored: re.Pattern | None = None, naming_only=()) -> tup
 
 def hf_eomt_to_dinov3(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Namer]:
     """Hugging Face EomtDinov3ForUniversalSegmentation -> the original's DINOv3 names."""
-    sd = {_strip_hf_prefix(k): v for k, v in sd.items()}
+    sd = {strip_hf_prefix(k): v for k, v in sd.items()}
     return _rename(sd, _HF_EOMT, re.compile(r"^embeddings\.mask_token$"))
 
 
@@ -162,7 +157,7 @@ def backbone_to_dinov3(sd: dict[str, np.ndarray], fmt: str) -> tuple[dict[str, n
     if fmt == "meta_dinov3":
         return _rename(_split_meta_qkv(sd), _META, _META_IGNORED, _META_QKV)
     prefixed = any(k.startswith("model.layer.") for k in sd)
-    out, name = _rename({_strip_hf_prefix(k): v for k, v in sd.items()}, _HUB, _HUB_IGNORED)
+    out, name = _rename({strip_hf_prefix(k): v for k, v in sd.items()}, _HUB, _HUB_IGNORED)
     if not prefixed:
         return out, name
     return out, lambda new: "model." + name(new) if name(new).startswith("layer.") else name(new)
@@ -232,7 +227,7 @@ def merge_delta(
     applies the ImageNet constants itself.
     """
     (dw, dd), (bw, bd) = _width_depth(delta), _width_depth(base)
-    if (dw, dd) != (bw, bd):
+    if None not in (dw, bw) and (dw, dd) != (bw, bd):  # (a lacking cls token is for the key check to report)
         raise ConversionError(
             f"--base {base_path} is a DINOv3 backbone of width {bw} with {bd} blocks, but the delta {src} was "
             f"fine-tuned from one of width {dw} with {dd} blocks: {base_hint(delta, src)}"
@@ -291,7 +286,7 @@ def dinov3_to_official(sd: dict[str, np.ndarray], source_name: Namer = lambda k:
     everything at once. Keys outside the backbone, and backbone keys that are not DINOv3's, pass unchanged (the
     key check reports those).
     """
-    gated = any(_GLU.fullmatch(k) and _GLU.fullmatch(k).group(2) == "gate" for k in sd)
+    gated = any((m := _GLU.fullmatch(k)) and m.group(2) == "gate" for k in sd)
     out, groups = {}, {}
     for key, value in sd.items():
         m = _QKV.fullmatch(key) or _GLU.fullmatch(key)

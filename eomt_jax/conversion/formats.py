@@ -33,7 +33,7 @@ def detect_format(keys, hf_config: dict[str, Any] | None = None) -> str:
         dinov3 = (BB + "patch_embed.patch_embeddings.weight" in keys or BB + "patch_embed.cls_token" in keys
                   or any(re.match(re.escape(BB) + r"blocks\.\d+\.attention\.", k) for k in keys))
         return "official_dinov3" if dinov3 else "official"
-    stripped = {_strip_hf_prefix(k) for k in keys}
+    stripped = {strip_hf_prefix(k) for k in keys}
     model_type = (hf_config or {}).get("model_type")
     if "query.weight" in stripped and any(k.startswith("embeddings.") for k in stripped):
         if model_type in ("eomt", "eomt_dinov3"):
@@ -60,7 +60,8 @@ def detect_format(keys, hf_config: dict[str, Any] | None = None) -> str:
     )
 
 
-def _strip_hf_prefix(k: str) -> str:
+def strip_hf_prefix(k: str) -> str:
+    """A Hugging Face key without the model-class prefix some files carry (`model.`, `eomt.`, `eomt_dinov3.`)."""
     for p in ("model.", "eomt_dinov3.", "eomt."):
         if k.startswith(p):
             return k[len(p) :]
@@ -117,7 +118,7 @@ def _apply_renames(sd, renames, fused: Callable[[str, np.ndarray, dict], bool], 
 
 
 def hf_eomt_to_official(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sd = {_strip_hf_prefix(k): v for k, v in sd.items()}
+    sd = {strip_hf_prefix(k): v for k, v in sd.items()}
     sd.pop("embeddings.position_ids", None)
     unknown: list[str] = []
     qkv_re = re.compile(r"^layers\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)$")
@@ -191,7 +192,7 @@ def dinov2_to_official(sd: dict[str, np.ndarray], fmt: str) -> dict[str, np.ndar
         sd = {k: v for k, v in sd.items() if not _TIMM_DINO_IGNORED.match(k)}
         out, _ = _apply_renames(sd, _TIMM_DINO_RENAMES, lambda *a: False, unknown)
     else:
-        sd = {_strip_hf_prefix(k): v for k, v in sd.items()}
+        sd = {strip_hf_prefix(k): v for k, v in sd.items()}
         sd = {k: v for k, v in sd.items() if not _HF_DINO_IGNORED.match(k)}
         # Hub files name the projections attention.attention.{query,key,value}; recent transformers releases
         # save them as attention.{q,k,v}_proj.
@@ -267,7 +268,8 @@ def invert_rename(pattern: str, template: str, name: str) -> str | None:
 
 
 def source_names(fmt: str) -> Callable[[str], str]:
-    """official name -> the name the `fmt` checkpoint gives it (the official name itself for official files)."""
+    """official name -> the name the `fmt` checkpoint gives it (the official name itself for official files).
+    For the DINOv2 forms; the DINOv3 renamings (`conversion.dinov3`) return their own such function."""
     renames = {"hf_eomt": _HF_RENAMES, "timm_dinov2": _TIMM_DINO_RENAMES, "hf_dinov2": _HF_DINO_RENAMES}.get(fmt)
     fused = {"hf_eomt": r"layers.\1.attention.{q,k,v}_proj.\2",
              "hf_dinov2": r"encoder.layer.\1.attention.attention.{query,key,value}.\2"}.get(fmt)

@@ -137,7 +137,7 @@ def _write(directory, model, base, delta, base_form="hub", drop_from_base=()):
     return directory / "pytorch_model.bin", base_path
 
 
-def _assert_nothing_written(tmp_path, dst):
+def _assert_nothing_written(dst):
     assert not dst.exists()
     assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}")], "temporary output left"
 
@@ -177,7 +177,7 @@ def test_delta_without_base_names_the_base_it_needs(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--base" in err and "facebook/dinov3-vitl16-pretrain-lvd1689m" in err
     assert "coco_panoptic_eomt_small_640_dinov3" in err  # the zoo names are given as examples
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
     # Without a zoo name in the path the width decides.
     small = {BB + "patch_embed.cls_token": torch.zeros(1, 1, 384),
              BB + "patch_embed.patch_embeddings.weight": torch.zeros(384, 3, 16, 16)}
@@ -196,7 +196,7 @@ def test_base_of_another_size_is_refused(tiny, tmp_path, capsys):
                  "--set", "image_size=64"]) == 1
     err = capsys.readouterr().err
     assert "width 64 with 3 blocks" in err and "width 64 with 4 blocks" in err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
 
 
 def test_missing_keys_are_named_as_each_file_names_them(tiny, tmp_path, capsys):
@@ -216,7 +216,7 @@ def test_missing_keys_are_named_as_each_file_names_them(tiny, tmp_path, capsys):
     assert "network.mask_head.2.bias (mask_head/fc2/bias)" in err
     assert "network.class_head.bias" in err and "(99,)" in err
     assert f"the base lacks layer.3.mlp.up_proj.weight (the delta has {BB}blocks.3.mlp.up_proj.weight)" in err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
     # Meta's fused qkv is named as Meta stores it.
     _, base, delta = tiny
     src, base_path = _write(tmp_path / "meta", model, base, delta, "meta",
@@ -224,9 +224,10 @@ def test_missing_keys_are_named_as_each_file_names_them(tiny, tmp_path, capsys):
     assert _run(["--src", src, "--base", base_path, "--dst", dst, "--set", "num_heads=2",
                  "--set", "image_size=64"]) == 1
     err = capsys.readouterr().err
-    assert f"the base lacks blocks.0.attn.qkv.weight (the delta has {BB}blocks.0.attention.{{k,q,v}}_proj.weight)" in err
+    fused = f"{BB}blocks.0.attention.{{k,q,v}}_proj.weight"
+    assert f"the base lacks blocks.0.attn.qkv.weight (the delta has {fused})" in err
     assert "the base lacks blocks.0.attn.proj.weight" in err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
 
 
 def test_hugging_face_keys_are_named_in_hugging_face_naming(tiny, tmp_path, capsys):
@@ -246,7 +247,7 @@ def test_hugging_face_keys_are_named_in_hugging_face_naming(tiny, tmp_path, caps
     assert "unexpected key(s): layers.0.attention.k_proj.bias" in err
     assert "class_predictor.bias: shape (99,)" in err
     assert "network." not in err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
 
 
 def test_image_size_is_required(tiny, tmp_path, capsys):
@@ -256,7 +257,7 @@ def test_image_size_is_required(tiny, tmp_path, capsys):
     assert _run(["--src", src, "--base", base_path, "--dst", dst, "--set", "num_heads=2"]) == 1
     err = capsys.readouterr().err
     assert "image size" in err and "image_size" in err and "_dinov3" in err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
     assert _run(["--src", src, "--base", base_path, "--dst", dst, "--set", "num_heads=2",
                  "--set", "image_size=(64, 48)"]) == 0
     assert pretrained.load(dst).config.image_size == (64, 48)
@@ -276,7 +277,7 @@ def test_config_file_must_be_a_dinov3_one(tiny, tmp_path, capsys):
     dst = tmp_path / "out"
     assert _run(["--src", src, "--base", base_path, "--dst", dst, "--config", f"{cfg}:dinov2"]) == 1
     assert "backbone: the weights say 'dinov3' but the configuration says 'dinov2'" in capsys.readouterr().err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
     assert _run(["--src", src, "--base", base_path, "--dst", dst, "--config", str(cfg)]) == 0
     assert pretrained.load(dst).config.image_size == (64, 32)
     # --base belongs to delta files only.
@@ -344,7 +345,7 @@ def test_dinov3_backbone_needs_the_head_settings(tmp_path, capsys):
     assert _run(["--src", tmp_path / "src", "--dst", dst, "--set", "num_classes=3"]) == 1
     err = capsys.readouterr().err
     assert "a DINOv3 backbone carries no EoMT head" in err and "num_queries" in err and "image_size" in err
-    _assert_nothing_written(tmp_path, dst)
+    _assert_nothing_written(dst)
 
 
 def test_zoo_names_in_paths():
