@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`dst` as an absolute path, if a directory may be written there: raise FileExistsError when it is a file, or
+    an existing directory and not `overwrite`."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file; the output is a directory: name a new path")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    return dst
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `dst` to fill; it replaces `dst` on success and is removed on any error."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    dst = check_destination(dst, overwrite=overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:

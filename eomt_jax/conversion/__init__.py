@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from eomt_jax import pretrained
+from eomt_jax.atomic import check_destination
 from eomt_jax.conversion import dinov3
 from eomt_jax.conversion.architecture import infer_config
 from eomt_jax.conversion.backbone_init import backbone_init, dinov3_backbone_init
@@ -77,6 +78,7 @@ def convert(
 
     `base`: the DINOv3 backbone that a zoo DINOv3 file (`*_dinov3/pytorch_model.bin`) is a difference from.
     """
+    check_destination(dst, overwrite=overwrite)  # before reading what may be gigabytes
     sd, hf_config = read_state_dict(src)
     fmt = detect_format(sd, hf_config)
     if base is not None and fmt != "official_dinov3":

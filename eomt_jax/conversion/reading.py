@@ -46,7 +46,13 @@ def read_state_dict(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
             raise ConversionError(f"{path}: cannot read safetensors file ({e})") from None
     else:
         sd = _torch_load(path)
-    return {k: _to_float32(k, v, path) for k, v in sd.items()}, hf_config
+    sd = {k: _to_float32(k, v, path) for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not np.isfinite(v).all()]
+    if bad:
+        raise ConversionError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (a diverged or damaged checkpoint): "
+            + ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
+    return sd, hf_config
 
 
 def _torch_load(path: Path) -> dict[str, Any]:

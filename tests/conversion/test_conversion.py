@@ -215,3 +215,22 @@ def test_command_line_script(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (dst / "eomt_config.json").exists() and (dst / "params").is_dir()
     assert pretrained.read_metadata(dst)["source_format"] == "hf_eomt"
+
+
+def test_non_finite_weights_and_a_file_as_destination_are_refused(tmp_path, capsys):
+    from eomt_jax.conversion.cli import main as convert_main
+    from tests.models import oracle
+
+    model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=5)
+    with torch.no_grad():
+        model.query.weight[0, 0] = float("nan")
+        model.class_predictor.bias[1] = float("inf")
+    src = oracle.save_hf(model, tmp_path / "hf")
+    assert convert_main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "2 tensor(s) hold NaN or infinite values" in err and "query.weight" in err
+    assert "class_predictor.bias" in err and not (tmp_path / "out").exists()
+
+    (tmp_path / "file").write_text("x")
+    assert convert_main(["--src", str(src), "--dst", str(tmp_path / "file"), "--overwrite"]) == 1
+    assert "is a file; the output is a directory" in capsys.readouterr().err
