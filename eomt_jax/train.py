@@ -124,7 +124,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, mode: str) ->
             raise NonFiniteLoss(
                 f"non-finite loss or parameters at step {step} (parameter norm {norm}): not saved; last finite "
                 "checkpoint: " + (f"{ckpt.directory}/{last_good}" if last_good is not None else "none"))
-        ckpt.save(step, state, train_iter.grain_iterator, position)
+        try:
+            ckpt.save(step, state, train_iter.grain_iterator, position)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk; the cause in one line instead of a library trace
+            raise TrainingError(f"saving checkpoint {ckpt.directory}/{step} failed: {one_line(e)}") from e
         last_good = saved = step
 
     try:
@@ -167,10 +170,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, mode: str) ->
                     results = evaluate(config, model, root, workdir, step=step)
                     writer.write(step, {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
     finally:
+        propagating = sys.exc_info()[1]  # an error already on its way out of the loop
         bar.close()
-        ckpt.close()
         writer.close()
         train_iter.close()
+        try:
+            ckpt.close()  # waits for the last save, whose errors surface here
+        except Exception as e:  # noqa: BLE001
+            if propagating is None:
+                raise TrainingError(f"writing the last checkpoint to {ckpt.directory} failed: {one_line(e)}") from e
+            log.error("writing the last checkpoint to %s failed: %s", ckpt.directory, one_line(e))
+    if step == total and step > start:
+        _write_model(workdir, config, nnx.merge(setup.graphdef, state["params"], state["buffers"]), step)
     return {"step": step, **results}
 
 

@@ -260,3 +260,15 @@ def test_metrics_hold_each_step_once_after_a_kill_and_resume(tmp_path):
     writer.close()
     assert [(m["step"], m["train/loss"]) for m in _metrics(tmp_path)] == [
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0), (7, 70.0)]
+
+
+def test_a_failing_save_is_one_error_naming_the_cause(tmp_path, monkeypatch):
+    def full_disk(self, step, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self.directory / str(step) / "state"))
+
+    monkeypatch.setattr(Checkpointer, "save", full_disk)
+    config = _config(tmp_path / "data", total_steps=4, checkpoint_every=2)
+    with pytest.raises(train.TrainingError, match=r"saving checkpoint .*/checkpoints/2 failed: OSError: \[Errno 28\] "
+                                                  r"No space left on device"):
+        train.run(config, tmp_path / "w", "train")
+    assert not (tmp_path / "w" / LOCK_FILE).exists()
