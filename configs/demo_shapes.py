@@ -19,6 +19,7 @@ def get_config(arg=None):
         epochs=1, anneal_starts=(0, 0), anneal_ends=(1, 1),
     )
     c.total_steps = a.steps
+    c.schedule.reference_steps = a.steps  # --config.total_steps=N rescales the step values below to N steps
     c.log_every_steps = 20
     c.eval_every_steps = a.steps
     c.checkpoint_every_steps = 100
@@ -56,4 +57,6 @@ def get_config(arg=None):
         c.model.update(embed_dim=64, depth=3, num_heads=2, mlp_hidden=128, num_queries=8, image_size=(64, 64))
         c.eval.max_images = 8
         c.anneal.starts, c.anneal.ends = (0, 1), (1, 2)
+        c.anneal.allow_unfinished = True  # a 2-step smoke run cannot finish two phases before its last step
+        c.schedule.reference_steps = 0
     return c

@@ -27,6 +27,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, target_topology:
     """Compile the train step for the config's mesh (on the local devices, or on `target_topology`'s) without
     any data or weights; report and return its per-device memory and FLOPs."""
     devices = mesh_lib.topology_devices(target_topology) if target_topology else None
+    config = config_lib.resolve(config, Path(workdir).absolute())
     workdir = config_lib.prepare_workdir(config, workdir)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     if target_topology:

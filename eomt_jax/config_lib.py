@@ -5,9 +5,12 @@ numbers of one published setting (the original's `configs/` YAML files), so the 
 structure, the argument parsing and the smoke-run variant are defined once, here. Top-level keys that scripts and
 documentation rely on:
 
-  task, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, max_steps_per_run, seed,
-  init_from, load_class_head, grad_accum_steps, remat, and the sections data, model, anneal, loss, optim, mesh,
-  sharding, eval, log.
+  task, total_steps, epochs, log_every_steps, eval_every_steps, checkpoint_every_steps, max_steps_per_run, seed,
+  init_from, load_class_head, grad_accum_steps, remat, and the sections data, model, anneal, schedule, loss, optim,
+  mesh, sharding, eval, log.
+
+What comes from the data (the classes of a user's dataset, the length of a run given in epochs) and a schedule
+given relative to the run's length are filled in at start-up by `resolve`, which train, eval and compile call.
 
 `arg` strings follow big_vision's convention: `file.py:res=1280,runlocal` -> {"res": "1280", "runlocal": True}.
 """
@@ -15,6 +18,7 @@ documentation rely on:
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import jax
@@ -24,6 +28,8 @@ from eomt_jax import annealing, optim
 from eomt_jax import mesh as mesh_lib
 from eomt_jax.data.pipeline import DATASET_DEFAULTS
 from eomt_jax.models.eomt import PRECISIONS, EoMTConfig, preset
+
+log = logging.getLogger("eomt_jax")
 
 # Training images the original keeps per dataset: its datasets skip images without annotations (COCO instance:
 # 118,287 - 1,021). COCO panoptic's count is not published; its annealing milestones (multiples of 7,391) pin its
@@ -130,7 +136,10 @@ def _experiment(
     augment = DATASET_DEFAULTS[dataset]
     c = ml_collections.ConfigDict()
     c.task = task  # panoptic | instance | semantic
+    # The run's length: total_steps, or epochs (passes over the training split: len(split) // data.batch_size steps
+    # each, counted at start-up); give one of them, the other 0.
     c.total_steps = epochs * steps_per_epoch
+    c.epochs = 0
     c.log_every_steps = 50
     c.eval_every_steps = eval_every_epochs * steps_per_epoch
     c.checkpoint_every_steps = 2000
@@ -159,6 +168,23 @@ def _experiment(
     c.data.max_unreadable_fraction = 0.01  # damaged training images are skipped (and named) up to this fraction
     c.data.generate = ""  # "": real data; else a synthetic kind generated into root when missing
     c.data.generate_kwargs = {}  # e.g. num_train, num_val, size for the generator
+    # A user's dataset (data.name "coco_format" or "semantic_folder"; see eomt_jax/data/sources.py): each split's
+    # files, relative to data.root or absolute: images (folder or zip), COCO JSON, masks (folder or zip: panoptic
+    # PNGs, or label PNGs of a semantic folder); "" = the source's default names.
+    c.data.train_images = ""
+    c.data.train_json = ""
+    c.data.train_masks = ""
+    c.data.val_images = ""
+    c.data.val_json = ""
+    c.data.val_masks = ""
+    c.data.val_fraction = 0.0  # > 0: no val files; this fraction of the train split (fixed, seeded) is the val split
+    c.data.ignore_value = 255  # semantic_folder: the label value of unlabelled pixels
+    c.data.ignore_zero = False  # semantic_folder: 0 is unlabelled too and value v is class v - 1 (ADE20K's labels)
+    c.data.class_names_file = ""  # semantic_folder: one class name per line (default: numbered classes)
+    # Filled in at start-up from the data (`resolve`), recorded in the workdir's config.json and with the trained
+    # network (<workdir>/model), whence `predict` names the classes.
+    c.data.class_names = ()
+    c.data.stuff_classes = ()
 
     model = preset(size, backbone=backbone, num_classes=num_classes, num_queries=num_queries,
                    image_size=image_size).to_dict()
@@ -172,6 +198,20 @@ def _experiment(
     c.anneal.starts = tuple(anneal_starts)
     c.anneal.ends = tuple(anneal_ends)
     c.anneal.power = 0.9
+    # A run whose annealing has not reached 0 by its last step is refused at start-up unless this is True.
+    c.anneal.allow_unfinished = False
+
+    # Steps relative to the run's length (see `resolve`). The absolute step values of this config (anneal.starts
+    # and .ends, optim.warmup_steps, eval_every_steps, checkpoint_every_steps) were written for a run of
+    # `reference_steps` steps: a run of another length rescales them by total_steps / reference_steps (0: never
+    # rescaled). A fraction of total_steps given below replaces the absolute value instead.
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.reference_steps = c.total_steps
+    c.schedule.anneal_starts = ()  # one fraction per masked block, with anneal_ends
+    c.schedule.anneal_ends = ()
+    c.schedule.warmup = ()  # (heads, backbone) fractions
+    c.schedule.eval_every = 0.0
+    c.schedule.checkpoint_every = 0.0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.num_points = 12544
@@ -223,7 +263,8 @@ SYNTHETIC_KIND = {
 
 def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
     """Shrink a configuration to a smoke run on generated data: tiny model of the same backbone kind, 64 px,
-    2 steps."""
+    2 steps. Its schedule is absolute and may stop mid-annealing (`--config.total_steps=1`): a smoke run checks the
+    code, not the schedule."""
     synthetic_kind = SYNTHETIC_KIND[dataset]
     c.total_steps = 2
     c.log_every_steps = 1
@@ -231,6 +272,18 @@ def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Confi
     c.checkpoint_every_steps = 2
     c.data.root = ""  # resolved to <workdir>/data by the trainer
     c.data.generate = synthetic_kind
+    tiny_model(c)
+    c.anneal.starts = (0,)
+    c.anneal.ends = (2,)
+    c.anneal.allow_unfinished = True
+    c.schedule.reference_steps = 0
+    c.optim.warmup_steps = (1, 1)
+    return c
+
+
+def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The smoke-run model and sizes: a 2-block, 64-wide network of the config's backbone kind with one masked
+    block, 8 queries, 64 px, batch 8, 256 loss points, 4 evaluated images; float32, no TensorBoard."""
     c.data.image_size = 64
     c.data.batch_size = 8
     c.data.max_instances = 8
@@ -239,10 +292,7 @@ def runlocal(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Confi
                   image_size=64).to_dict()
     tiny.update(embed_dim=64, depth=2, num_heads=2, mlp_hidden=128, num_blocks=1, image_size=(64, 64))
     c.model = ml_collections.ConfigDict(dict(tiny, dtype="float32"))
-    c.anneal.starts = (0,)
-    c.anneal.ends = (2,)
     c.loss.num_points = 256
-    c.optim.warmup_steps = (1, 1)
     c.eval.batch_size = 4
     c.eval.max_images = 4
     c.log.tensorboard = False
@@ -267,6 +317,130 @@ def model_config(config, platform: str | None = None) -> EoMTConfig:
         raise ValueError("config.model.matmul_dtype is set by the precision policy: use config.model.dtype "
                          f"(one of {sorted(PRECISIONS)} or 'auto') instead")
     return EoMTConfig.from_dict(d).with_precision(precision)
+
+
+# -- start-up: what comes from the data and the run's length ------------------------------------------------------
+
+def resolve(config: ml_collections.ConfigDict, workdir, *, training: bool = True) -> ml_collections.ConfigDict:
+    """A copy of `config` with what it leaves to start-up filled in, checked by `validate`:
+
+    * from the data: `model.num_classes` when 0, `data.max_instances` when 0 (semantic: the number of classes,
+      else 100), `data.class_names` (unless given, one per class) and `data.stuff_classes`. The zoo datasets'
+      classes are known (`eomt_jax.data.classes`); any other source's training split is read for them;
+    * the run's length: `total_steps`, or `epochs` x (training images // data.batch_size) steps;
+    * the schedule in steps of this run: each fraction given in `schedule` replaces its absolute value; absolute
+      values written for a run of `schedule.reference_steps` are rescaled by total_steps / reference_steps (logged);
+      afterwards `schedule.reference_steps` is the run's length, so resolving again changes nothing.
+
+    A training run whose annealing does not reach probability 0 before its last step is refused (`ConfigError`
+    with the numbers) unless `anneal.allow_unfinished`. `training=False` (evaluation) fills in the classes only.
+    The dataset is found (or generated) under `workdir` as by `eomt_jax.data.dataset_root`, and only when needed.
+    """
+    from eomt_jax import data as data_lib
+    from eomt_jax.data import classes
+
+    c = ml_collections.ConfigDict(config.to_dict())
+    source = None
+
+    def train_split():
+        nonlocal source
+        if source is None:
+            try:
+                root = data_lib.dataset_root(c.data, Path(workdir))
+            except ValueError as e:
+                raise ConfigError(f"{e} (this run's classes or length come from the data)") from None
+            try:
+                source = data_lib.source_from_config(c.data, root, "train")
+            except data_lib.DataError:
+                raise
+            except ValueError as e:  # an option the source does not take
+                raise ConfigError(str(e)) from None
+        return source
+
+    # -- classes
+    try:
+        names, stuff = classes.dataset_classes(c.data.name)
+    except ValueError:  # not a zoo dataset: its training split tells
+        names, stuff = list(train_split().class_names), list(train_split().stuff_classes)
+    if c.task == "semantic":
+        stuff = list(range(len(names)))
+    where = f"the {c.data.name} training split" + (f" in {c.data.root}" if c.data.root else "")
+    if c.model.num_classes == 0:
+        c.model.num_classes = len(names)
+        log.info("%d classes from %s: %s", len(names), where, ", ".join(names[:20]) + (" ..." if len(names) > 20
+                                                                                         else ""))
+    elif c.model.num_classes != len(names):
+        raise ConfigError(f"config.model.num_classes is {c.model.num_classes} but {where} has {len(names)} classes "
+                          "(0 takes the data's)")
+    if c.data.class_names and len(c.data.class_names) != len(names):
+        raise ConfigError(f"config.data.class_names holds {len(c.data.class_names)} names for the {len(names)} "
+                          f"classes of {where}")
+    c.data.class_names = tuple(c.data.class_names or names)
+    c.data.stuff_classes = tuple(int(k) for k in (c.data.stuff_classes or stuff))
+    if c.data.max_instances == 0:
+        c.data.max_instances = c.model.num_classes if c.task == "semantic" else 100
+    if not training:
+        validate(c)
+        return c
+
+    # -- length
+    if c.total_steps and c.epochs:
+        validate(c)  # names the conflict
+    if not c.total_steps:
+        images = len(train_split())
+        per_epoch = images // c.data.batch_size
+        if per_epoch == 0:
+            raise ConfigError(f"{where} has {images} images, fewer than one batch (data.batch_size "
+                              f"{c.data.batch_size})")
+        if not c.epochs:
+            raise ConfigError(f"config.total_steps and config.epochs are both 0: give the run's length, e.g. "
+                              f"--config.epochs=E or --config.total_steps=N ({where} has {images} images: "
+                              f"{per_epoch} steps per epoch at data.batch_size {c.data.batch_size})")
+        c.total_steps = c.epochs * per_epoch
+        log.info("total_steps %d = %d epochs x %d steps (%d training images // batch %d)", c.total_steps, c.epochs,
+                 per_epoch, images, c.data.batch_size)
+        c.epochs = 0  # the length is total_steps from here on
+    total = c.total_steps
+
+    # -- schedule
+    sched = c.schedule
+    reference = sched.reference_steps
+    if reference and reference != total:
+        def scaled(v):
+            return annealing.to_step(v / reference, total)
+
+        c.anneal.starts, c.anneal.ends = annealing.steps_from_fractions(
+            [v / reference for v in c.anneal.starts], [v / reference for v in c.anneal.ends], total)
+        c.optim.warmup_steps = tuple(scaled(w) for w in c.optim.warmup_steps)
+        c.eval_every_steps = max(1, scaled(c.eval_every_steps))
+        c.checkpoint_every_steps = max(1, scaled(c.checkpoint_every_steps))
+        log.info("total_steps %d instead of the %d this config's schedule was written for: annealing milestones, "
+                 "warm-up, evaluation and checkpoint intervals rescaled by %.4g", total, reference, total / reference)
+    if sched.anneal_starts or sched.anneal_ends:
+        c.anneal.starts, c.anneal.ends = annealing.steps_from_fractions(sched.anneal_starts, sched.anneal_ends, total)
+    if sched.warmup:
+        c.optim.warmup_steps = tuple(annealing.to_step(w, total) for w in sched.warmup)
+    if sched.eval_every:
+        c.eval_every_steps = max(1, annealing.to_step(sched.eval_every, total))
+    if sched.checkpoint_every:
+        c.checkpoint_every_steps = max(1, annealing.to_step(sched.checkpoint_every, total))
+    sched.reference_steps = total
+    log.info("schedule of %d steps: masked attention annealed from steps %s to %s, warm-up %s, evaluation every %d, "
+             "checkpoint every %d steps", total, tuple(c.anneal.starts), tuple(c.anneal.ends),
+             tuple(c.optim.warmup_steps), c.eval_every_steps, c.checkpoint_every_steps)
+    late = annealing.unfinished_blocks(c.anneal.ends, total)
+    if late and not c.anneal.allow_unfinished:
+        given = ("config.schedule.anneal_ends " + str(tuple(sched.anneal_ends)) if sched.anneal_ends else
+                 "config.anneal.ends" + (f" {tuple(config.anneal.ends)} rescaled to this length" if reference
+                                         and reference != total else ""))
+        raise ConfigError(
+            f"config.anneal: masked attention would still be on at the last step of this {total}-step run: block(s) "
+            f"{late} anneal until step(s) {[c.anneal.ends[j] for j in late]} (from {given}), after the last step "
+            f"{total - 1}. The trained network is evaluated without masks, so the annealing must end before: end it "
+            "earlier (config.schedule.anneal_starts / anneal_ends as fractions of the run, or config.anneal.starts / "
+            "ends), train longer, or set --config.anneal.allow_unfinished=True if this is intended")
+    validate(c)
+    return c
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir) -> Path:
@@ -334,11 +508,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
                   f"config.{path} must be an integer >= {minimum}, got {v!r}")
 
-    for path in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                 "grad_accum_steps", "data.image_size", "data.batch_size", "data.max_instances", "eval.batch_size"):
+    for path in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "grad_accum_steps", "data.image_size", "data.batch_size", "eval.batch_size"):
         positive(path)
-    for path in ("max_steps_per_run", "data.num_workers", "eval.max_images"):
+    # total_steps / epochs 0 and data.max_instances 0 are filled in at start-up (`resolve`).
+    for path in ("total_steps", "epochs", "schedule.reference_steps", "max_steps_per_run", "data.num_workers",
+                 "data.max_instances", "eval.max_images", "data.ignore_value"):
         positive(path, minimum=0)
+    total, epochs = get("total_steps"), get("epochs")
+    check(not (isinstance(total, int) and isinstance(epochs, int) and total > 0 and epochs > 0),
+          f"config.total_steps ({total}) and config.epochs ({epochs}) both give the run's length; set the other to 0 "
+          f"(e.g. --config.total_steps=0 --config.epochs={epochs})")
     check(get("task") in TASKS, f"config.task must be one of {TASKS}, got {get('task')!r}")
     check(get("remat") in REMAT_POLICIES, f"config.remat must be one of {sorted(REMAT_POLICIES)}, got {get('remat')!r}")
     dtype = get("model.dtype")
@@ -350,9 +530,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     scale = get("data.scale_range")
     check(isinstance(scale, (tuple, list)) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
           and 0 < scale[0] <= scale[1], f"config.data.scale_range must be two numbers 0 < low <= high, got {scale!r}")
-    for path in ("eval.mask_thresh", "eval.overlap_thresh", "data.max_unreadable_fraction"):
+    for path in ("eval.mask_thresh", "eval.overlap_thresh", "data.max_unreadable_fraction", "schedule.eval_every",
+                 "schedule.checkpoint_every"):
         v = get(path)
         check(isinstance(v, (int, float)) and 0 <= v <= 1, f"config.{path} must be a number in [0, 1], got {v!r}")
+    v = get("data.val_fraction")
+    check(isinstance(v, (int, float)) and 0 <= v < 1, f"config.data.val_fraction must be a number in [0, 1), got {v!r}")
+    warmup = get("schedule.warmup")
+    check(warmup is None or (isinstance(warmup, (tuple, list)) and len(warmup) in (0, 2) and all(
+        isinstance(w, (int, float)) and 0 <= w <= 1 for w in warmup)),
+        f"config.schedule.warmup must be () or two fractions (heads, backbone) in [0, 1], got {warmup!r}")
     mesh = get("mesh")
     try:
         axes = [(str(name), int(size)) for name, size in mesh]
@@ -362,13 +549,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for name, size in axes:
             check(name in MESH_AXES, f"config.mesh axis {name!r} is not one of {MESH_AXES}")
             check(size == -1 or size >= 1, f"config.mesh axis {name!r} has size {size}; expected -1 or >= 1")
-    starts, ends, k = get("anneal.starts"), get("anneal.ends"), get("model.num_blocks")
-    try:
-        annealing.check_schedule(starts, ends)
-        check(len(tuple(starts)) == k, f"config.anneal has {len(tuple(starts))} phases for model.num_blocks={k} "
-                                       "masked blocks; expected one per block")
-    except (TypeError, ValueError) as e:
-        problems.append(f"config.anneal: {e}")
+    k = get("model.num_blocks")
+    fractions = get("schedule.anneal_starts"), get("schedule.anneal_ends")
+    if fractions[0] or fractions[1]:  # they replace anneal.starts / anneal.ends
+        try:
+            starts, ends = (tuple(float(f) for f in x) for x in fractions)
+            check(len(starts) == len(ends) == k and all(0 <= a < b <= 1 for a, b in zip(starts, ends)),
+                  f"config.schedule.anneal_starts {starts} and anneal_ends {ends} must be one fraction each per "
+                  f"masked block (model.num_blocks={k}), with 0 <= start < end <= 1")
+        except (TypeError, ValueError):
+            problems.append(f"config.schedule.anneal_starts / anneal_ends must be tuples of numbers, got {fractions}")
+    else:
+        starts, ends = get("anneal.starts"), get("anneal.ends")
+        try:
+            annealing.check_schedule(starts, ends)
+            check(len(tuple(starts)) == k, f"config.anneal has {len(tuple(starts))} phases for model.num_blocks={k} "
+                                           "masked blocks; expected one per block")
+        except (TypeError, ValueError) as e:
+            problems.append(f"config.anneal: {e}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -70,6 +70,17 @@ def write(
     return dst
 
 
+def write_network(dst: str | os.PathLike, model: EoMT, *, metadata: dict[str, Any] | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write a network held in memory (e.g. at the end of a training run) as a converted checkpoint directory: its
+    parameters and stored masked-attention probabilities, its architecture computing in float32 (`load` chooses
+    another policy), and `metadata` (e.g. "class_names" and "stuff_classes", which `predict` names classes by).
+    The arrays must be addressable by this process."""
+    _, state = nnx.split(model)
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_paths(state).items()}
+    return write(dst, flat, model.config.with_precision("float32"), metadata=metadata, overwrite=overwrite)
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON stored beside the parameters: {"model": EoMTConfig fields, "source": ..., ...}."""
     f = Path(path) / CONFIG_FILE

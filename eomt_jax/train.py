@@ -69,6 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str | Path, mode: str) -> dict[str, Any]:
+    # The classes, the length and the schedule of this run (from the data when the config leaves them to it).
+    config = config_lib.resolve(config, Path(workdir).absolute())
     workdir = config_lib.prepare_workdir(config, workdir)
 
     # -- Mesh ----------------------------------------------------------------------------------------------------
@@ -185,6 +187,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, mode: str) ->
     return {"step": step, **results}
 
 
+MODEL_DIR = "model"
+
+
+def _write_model(workdir: Path, config: ml_collections.ConfigDict, model, step: int) -> None:
+    """<workdir>/model: the trained network as a converted checkpoint (`eomt_jax.pretrained`) that carries the
+    data's class names, for `python -m eomt_jax.predict --checkpoint <workdir>/model` and `--config.init_from`.
+    Written by single-process runs (a multi-process run's parameters are not all addressable by one process)."""
+    if jax.process_count() > 1:
+        log.warning("the trained network is in %s/checkpoints/%d; %s/%s is written by single-process runs only",
+                    workdir, step, workdir, MODEL_DIR)
+        return
+    metadata = {"source": f"{workdir}/checkpoints/{step}", "source_format": "eomt_jax training run", "step": step,
+                "task": config.task, "dataset": config.data.name, "class_names": list(config.data.class_names),
+                "stuff_classes": list(config.data.stuff_classes)}
+    out = pretrained.write_network(workdir / MODEL_DIR, model, metadata=metadata, overwrite=True)
+    log.info("wrote the trained network with its %d class names to %s (python -m eomt_jax.predict --checkpoint %s)",
+             len(config.data.class_names), out, out)
+
+
 @contextlib.contextmanager
 def _lock(workdir: Path):
     """The workdir's run lock, held by process 0; every process learns whether it got it."""
@@ -274,7 +295,7 @@ def _training_stream(config, cfg: EoMTConfig, root: Path, ckpt: Checkpointer, st
     states exactly; one written by another number of processes or workers, or whose Grain states do not restore,
     restarts the stream at its global position.
     """
-    source = data_lib.load_source(config.data.name, root, "train")
+    source = data_lib.source_from_config(config.data, root, "train")
     if source.num_classes != cfg.num_classes:
         raise ValueError(
             f"the {config.data.name} training split has {source.num_classes} classes but config.model.num_classes "

@@ -180,6 +180,29 @@ class FolderReader:
             raise DataError(f"{self.where}: cannot read {member!r} ({e})") from e
 
 
+class FileReader:
+    """One file as a reader whose only member is its name; `where` is its folder (errors read "folder: member")."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: file not found")
+        self.where, self._name = os.path.split(os.path.abspath(path))
+
+    def names(self) -> list[str]:
+        return [self._name]
+
+    def __contains__(self, member: str) -> bool:
+        return member == self._name
+
+    def read(self, member: str) -> bytes:
+        try:
+            with open(os.path.join(self.where, member), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise DataError(f"{self.where}: cannot read {member!r} ({e})") from e
+
+
 def decode_image(reader: Reader, member: str) -> np.ndarray:
     """An RGB image as uint8 (H, W, 3)."""
     try:

@@ -19,6 +19,7 @@ import abc
 
 import concurrent.futures
 import json
+import logging
 import os
 import re
 import warnings
@@ -29,7 +30,8 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from eomt_jax.data import classes
-from eomt_jax.data.archives import DataError, FolderReader, Reader, ZipReader, decode_image, decode_png
+from eomt_jax.data.archives import (DataError, FileReader, FolderReader, Reader, ZipReader, decode_image,
+                                    decode_png)
 from eomt_jax.data.transforms import resize_nearest
 
 Record = dict[str, Any]
@@ -88,6 +90,21 @@ def _parallel_filter(keep: Callable[[Any], bool], items: Sequence[Any]) -> list[
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
         flags = list(pool.map(keep, items))
     return [item for item, k in zip(items, flags) if k]
+
+
+def hold_out(entries: list[Any], split: str, fraction: float, where: str, seed: int = 0) -> list[Any]:
+    """The `split` part of a fixed, seeded division of one split's entries: `fraction` of them (at least one) are
+    "val", the others "train". The division depends only on the number of entries and `seed`, so every run and
+    every process sees the same two parts."""
+    if not 0 < fraction < 1:
+        raise DataError(f"{where}: the val fraction must lie in (0, 1), got {fraction}")
+    n = len(entries)
+    n_val = max(1, int(fraction * n + 0.5))
+    if n_val >= n:
+        raise DataError(f"{where}: {n} image(s) cannot be divided into train and val with a val fraction of "
+                        f"{fraction}; give a separate val split")
+    val = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    return [e for i, e in enumerate(entries) if (i in val) == (split == "val")]
 
 
 class Source(abc.ABC):
@@ -153,18 +170,24 @@ class COCOPanoptic(Source):
     The per-image segment PNGs are read from the zip nested inside the annotations zip. An image is skipped
     when the JSON has no segment for it. With `classes_from_json` the class list comes from the JSON's
     categories (a user's dataset in the COCO layout, e.g. the generated `shapes` dataset).
+
+    `images`, `pngs` and `annotations` name a user's files instead (see `coco_format`); then every annotated
+    image must have its PNG, of its own size. `val_fraction` > 0 reads the train files and keeps the `split`
+    part of their fixed division (`hold_out`).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, classes_from_json: bool = False,
                  images: Reader | None = None, pngs: Reader | None = None,
-                 annotations: tuple[Reader, str] | None = None):
+                 annotations: tuple[Reader, str] | None = None, val_fraction: float = 0.0):
         check_split(split)
+        files = "train" if val_fraction else split
+        self._user_layout = annotations is not None
         if annotations is None:
             ann_zip = ZipReader(os.path.join(root, "panoptic_annotations_trainval2017.zip"))
-            annotations = (ann_zip, f"annotations/panoptic_{split}2017.json")
-            pngs = ZipReader(ann_zip.path, nested=f"annotations/panoptic_{split}2017.zip")
-            images = ZipReader(os.path.join(root, f"{split}2017.zip"))
-            image_folder, self._png_folder = f"{split}2017/", f"panoptic_{split}2017/"
+            annotations = (ann_zip, f"annotations/panoptic_{files}2017.json")
+            pngs = ZipReader(ann_zip.path, nested=f"annotations/panoptic_{files}2017.zip")
+            images = ZipReader(os.path.join(root, f"{files}2017.zip"))
+            image_folder, self._png_folder = f"{files}2017/", f"panoptic_{files}2017/"
         else:  # a user's folder layout (see `coco_format`): members are found by file name anywhere
             image_folder, self._png_folder = "", None
         self._images, self._pngs = images, pngs
@@ -194,6 +217,14 @@ class COCOPanoptic(Source):
             stem = _stem(m)
             if stem in segments and segments[stem][1]:
                 entries.append((m, *segments[stem]))
+        if self._user_layout:
+            _check_user_files(images, [e[0] for e in entries], segments, where)
+            missing = sorted(f"{png}.png" for _, png, _ in entries if png not in self._png_members)
+            if missing:
+                raise DataError(f"{pngs.where}: {len(missing)} segment PNG(s) named in {where} are missing (e.g. "
+                                f"{', '.join(missing[:5])}); every annotated image needs its PNG")
+        if val_fraction:
+            entries = hold_out(entries, split, val_fraction, f"{images.where} with {where}")
         super().__init__(entries, f"{images.where} with {where}")
 
     def _png_member(self, png_stem: str) -> str:
@@ -207,7 +238,11 @@ class COCOPanoptic(Source):
         image_member, png_stem, segments = entry
         image = decode_image(self._images, image_member)
         png_member = self._png_member(png_stem)
-        png = _read_target(self._pngs, png_member, image)
+        if self._user_layout:
+            png = decode_png(self._pngs, png_member)
+            _check_same_size(self._images, image_member, image, self._pngs, png_member, png)
+        else:
+            png = _read_target(self._pngs, png_member, image)
         if png.ndim != 3:
             raise DataError(f"{self._pngs.where}: {png_member!r} must be an RGB panoptic PNG, got shape {png.shape}")
         png = png.astype(np.int32)
@@ -232,17 +267,21 @@ class COCOInstance(Source):
     """COCO instance segmentation (80 classes) from `{split}2017.zip` and `annotations_trainval2017.zip`.
 
     Masks are decoded from the JSON's polygons / RLEs. Images without annotations are skipped; crowd
-    annotations are kept (training drops them).
+    annotations are kept (training drops them). `images` and `annotations` name a user's files instead (see
+    `coco_format`); `val_fraction` as for `COCOPanoptic`.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, classes_from_json: bool = False,
-                 images: Reader | None = None, annotations: tuple[Reader, str] | None = None):
+                 images: Reader | None = None, annotations: tuple[Reader, str] | None = None,
+                 val_fraction: float = 0.0):
         check_split(split)
+        files = "train" if val_fraction else split
+        user_layout = annotations is not None
         image_folder = ""
         if annotations is None:
             annotations = (ZipReader(os.path.join(root, "annotations_trainval2017.zip")),
-                           f"annotations/instances_{split}2017.json")
-            images, image_folder = ZipReader(os.path.join(root, f"{split}2017.zip")), f"{split}2017/"
+                           f"annotations/instances_{files}2017.json")
+            images, image_folder = ZipReader(os.path.join(root, f"{files}2017.zip")), f"{files}2017/"
         self._images = images
         reader, member = annotations
         self._where = where = f"{reader.where}: {member}"
@@ -270,6 +309,10 @@ class COCOInstance(Source):
                 # Kept as compact JSON text: the train JSON as Python objects would take gigabytes in every
                 # worker process.
                 entries.append((m, h, w, json.dumps(anns, separators=(",", ":"))))
+        if user_layout:
+            _check_user_files(images, [e[0] for e in entries], per_image, where)
+        if val_fraction:
+            entries = hold_out(entries, split, val_fraction, f"{images.where} with {where}")
         super().__init__(entries, f"{images.where} with {where}")
 
     def _load(self, entry) -> Record:
@@ -437,6 +480,9 @@ class Cityscapes(Source):
 
 # --------------------------------------------------------------------------------------------- user datasets
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_log = logging.getLogger("eomt_jax")
+
 
 def _zip_or_folder(root: str, name: str) -> Reader:
     if os.path.isfile(os.path.join(root, name + ".zip")):
@@ -446,33 +492,234 @@ def _zip_or_folder(root: str, name: str) -> Reader:
     raise DataError(f"{root}: expected a folder {name}/ or a zip {name}.zip")
 
 
-def coco_format(root: str | os.PathLike, split: str) -> Source:
-    """A user's dataset with COCO annotations; the class list comes from the JSON's `categories`.
+def _user_reader(root: str, path: str, what: str) -> Reader:
+    """The folder or zip a user named (relative to `root`, or absolute)."""
+    full = os.path.join(root, path)
+    if os.path.isdir(full):
+        return FolderReader(full)
+    if os.path.isfile(full):
+        return ZipReader(full)
+    raise DataError(f"{full}: not found (expected {what}: a folder or a .zip)")
 
-    `root` is a folder holding either
-      * the official COCO file names (`{split}2017.zip` + `panoptic_annotations_trainval2017.zip` or
-        `annotations_trainval2017.zip`), as written by `python -m eomt_jax.data.synthetic --kind shapes`, or
-      * `{split}.json` (COCO panoptic or instance JSON), the images in `{split}/` or `{split}.zip`, and for
-        panoptic the segment PNGs in `panoptic_{split}/` or `panoptic_{split}.zip`.
-    Panoptic categories with `isthing: 0` are the stuff classes.
-    """
+
+def _check_user_files(images: Reader, found: list[str], annotated, where: str) -> None:
+    """Warn about images that a user's JSON annotates but that the image folder or zip does not hold."""
+    missing = sorted(set(annotated) - {_stem(m) for m in found})
+    if missing and found:
+        _log.warning("%s annotates %d image(s) that %s does not hold (e.g. %s); they are left out", where,
+                     len(missing), images.where, ", ".join(missing[:5]))
+
+
+def _check_same_size(images: Reader, image_member: str, image: np.ndarray, targets: Reader, target_member: str,
+                     target: np.ndarray) -> None:
+    if target.shape[:2] != image.shape[:2]:
+        raise DataError(f"{targets.where}: {target_member!r} is {target.shape[1]}x{target.shape[0]} but its image "
+                        f"{images.where}: {image_member!r} is {image.shape[1]}x{image.shape[0]}; a mask must have "
+                        "its image's size")
+
+
+def _split_files(given: dict[str, tuple[str, ...]], split: str, val_fraction: float, where: str,
+                 names: tuple[str, ...]) -> str:
+    """Which split's files a user's layout reads for `split` (train's when the val split is a fraction of it)."""
     check_split(split)
+    if val_fraction and any(given["val"]):
+        raise DataError(f"{where}: the val split is given twice, as files ({', '.join(n for n, v in zip(names, given['val']) if v)}) "
+                        f"and as val_fraction={val_fraction}; give one")
+    return "train" if val_fraction else split
+
+
+def coco_format(root: str | os.PathLike, split: str, *, train_images: str = "", train_json: str = "",
+                train_masks: str = "", val_images: str = "", val_json: str = "", val_masks: str = "",
+                val_fraction: float = 0.0) -> Source:
+    """A user's dataset with COCO annotations, panoptic or instance (told apart by the JSON); the class list comes
+    from the JSON's `categories`, and panoptic categories with `isthing: 0` are the stuff classes.
+
+    Each split's files, any names, relative to `root` or absolute:
+      * `{split}_json`: the split's COCO panoptic or instance JSON;
+      * `{split}_images`: a folder or zip holding its images (matched to the JSON's `file_name` by stem,
+        anywhere inside);
+      * `{split}_masks`: panoptic only, a folder or zip holding the segment PNGs the JSON names.
+    Without a JSON for a split, `root` holds either the official COCO file names (`{split}2017.zip` with
+    `panoptic_annotations_trainval2017.zip` or `annotations_trainval2017.zip`, as written by
+    `python -m eomt_jax.data.synthetic --kind shapes`), or `{split}.json`, the images in `{split}/` or
+    `{split}.zip`, and for panoptic the PNGs in `panoptic_{split}/` or `panoptic_{split}.zip`.
+    `val_fraction` > 0 gives no val files: the val split is that fraction of the train split (`hold_out`).
+
+    A user's own layout is checked: every annotated image needs its PNG, of the same size, and a val split.
+    """
     root = os.fspath(root)
-    if os.path.isfile(os.path.join(root, "panoptic_annotations_trainval2017.zip")):
-        return COCOPanoptic(root, split, classes_from_json=True)
-    if os.path.isfile(os.path.join(root, "annotations_trainval2017.zip")):
-        return COCOInstance(root, split, classes_from_json=True)
-    json_path = os.path.join(root, f"{split}.json")
-    if not os.path.isfile(json_path):
-        raise DataError(f"{json_path}: file not found (expected a COCO panoptic or instance JSON, or the official "
-                        "COCO zips in this folder)")
-    folder = FolderReader(root)
-    data = _read_json(folder, f"{split}.json")
-    annotations = data.get("annotations") if isinstance(data, dict) else None
-    if not isinstance(annotations, list):
-        raise DataError(f"{json_path}: expected a COCO JSON with an 'annotations' list")
-    images = _zip_or_folder(root, split)
-    if annotations and "segments_info" in annotations[0]:
-        return COCOPanoptic(root, split, classes_from_json=True, images=images,
-                            pngs=_zip_or_folder(root, f"panoptic_{split}"), annotations=(folder, f"{split}.json"))
-    return COCOInstance(root, split, classes_from_json=True, images=images, annotations=(folder, f"{split}.json"))
+    given = {"train": (train_images, train_json, train_masks), "val": (val_images, val_json, val_masks)}
+    files = _split_files(given, split, val_fraction, root, ("val_images", "val_json", "val_masks"))
+    if split == "train" and train_json and not (val_json or val_fraction):
+        raise DataError(f"{root}: no val split: give val_json (with val_images, and val_masks for panoptic) or a "
+                        "val_fraction of the train split")
+    images_path, json_path, masks_path = given[files]
+    if not json_path:
+        if images_path or masks_path:
+            raise DataError(f"{root}: {files}_images / {files}_masks are given without {files}_json")
+        if os.path.isfile(os.path.join(root, "panoptic_annotations_trainval2017.zip")):
+            return COCOPanoptic(root, split, classes_from_json=True, val_fraction=val_fraction)
+        if os.path.isfile(os.path.join(root, "annotations_trainval2017.zip")):
+            return COCOInstance(root, split, classes_from_json=True, val_fraction=val_fraction)
+        json_path = os.path.join(root, f"{files}.json")
+        if not os.path.isfile(json_path):
+            raise DataError(f"{json_path}: file not found (expected a COCO panoptic or instance JSON, or the official "
+                            f"COCO zips in this folder, or {files}_json naming the JSON)")
+        images = _zip_or_folder(root, files)
+        masks = (lambda: _zip_or_folder(root, f"panoptic_{files}"))
+    else:
+        images = _user_reader(root, images_path, f"the {files} images ({files}_images)") if images_path else None
+        if images is None:
+            raise DataError(f"{os.path.join(root, json_path)}: {files}_images is empty; give the folder or zip of "
+                            "the images this JSON annotates")
+        masks = (lambda: _user_reader(root, masks_path, f"the {files} panoptic PNGs ({files}_masks)")
+                 if masks_path else None)
+    annotations = FileReader(os.path.join(root, json_path))
+    member = annotations.names()[0]
+    data = _read_json(annotations, member)
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise DataError(f"{annotations.where}: {member}: expected a COCO JSON with an 'annotations' list")
+    if anns and isinstance(anns[0], dict) and "segments_info" in anns[0]:
+        pngs = masks()
+        if pngs is None:
+            raise DataError(f"{annotations.where}: {member} is a COCO panoptic JSON; {files}_masks must name the "
+                            "folder or zip of its segment PNGs")
+        return COCOPanoptic(root, split, classes_from_json=True, images=images, pngs=pngs,
+                            annotations=(annotations, member), val_fraction=val_fraction)
+    return COCOInstance(root, split, classes_from_json=True, images=images, annotations=(annotations, member),
+                        val_fraction=val_fraction)
+
+
+# --------------------------------------------------------------------------------------------- semantic folders
+
+_class_counts: dict[tuple, int] = {}
+
+
+def read_class_names(path: str) -> list[str]:
+    """Class names from a text file, one per line in class order (blank lines are skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the class names ({e}); expected a text file, one name per line") from e
+    if not names:
+        raise DataError(f"{path}: no class names; expected a text file, one name per line")
+    return names
+
+
+class SemanticFolder(Source):
+    """Semantic segmentation from a folder (or zip) of images and a folder (or zip) of label PNGs, paired by file
+    stem (`photo_001.jpg` with `photo_001.png`, in any sub-folders).
+
+    A label PNG is single-channel (greyscale, 16-bit or palette: the stored values are the class indices). Pixels
+    of `ignore_value` (255 by default) are not trained on or scored. With `ignore_zero` (the ADE20K convention)
+    0 also marks unlabelled pixels and value v is class v - 1; without it 0 is class 0 (e.g. a background class).
+    The class names come from `class_names_file` (one per line, class 0 first), else the classes are numbered up to
+    the largest class in the training labels. Every class is a stuff class (one segment per class and image).
+
+    Each split's files are `{split}_images` and `{split}_masks`, relative to `root` or absolute, by default
+    `images/{split}` and `labels/{split}`; `val_fraction` > 0 takes the val split from the train split instead
+    (`hold_out`). An image without a label PNG is an error when the index is built; a label PNG of another size
+    than its image, or with values beyond the class list, is an error naming the file when it is read.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, *, train_images: str = "", train_masks: str = "",
+                 val_images: str = "", val_masks: str = "", val_fraction: float = 0.0, ignore_value: int = 255,
+                 ignore_zero: bool = False, class_names_file: str = ""):
+        root = os.fspath(root)
+        given = {"train": (train_images, train_masks), "val": (val_images, val_masks)}
+        files = _split_files(given, split, val_fraction, root, ("val_images", "val_masks"))
+        given = {s: (images or f"images/{s}", masks or f"labels/{s}") for s, (images, masks) in given.items()}
+        if not val_fraction and not all(os.path.exists(os.path.join(root, p)) for p in given["val"]):
+            raise DataError(f"{root}: no val split: {' and '.join(given['val'])} not found; give val_images and "
+                            "val_masks, or a val_fraction of the train split")
+        self._ignore_value, self._ignore_zero = int(ignore_value), bool(ignore_zero)
+        self._images, self._masks, entries = self._pairs(root, *given[files], files)
+        if class_names_file:
+            self._names_from = os.path.join(root, class_names_file)
+            self.class_names = read_class_names(self._names_from)
+        else:
+            train = self._pairs(root, *given["train"], "train") if files != "train" else (
+                self._images, self._masks, entries)
+            self._names_from = f"the training labels in {train[1].where}"
+            self.class_names = [f"class {k}" for k in range(self._count_classes(train[1], train[2]))]
+        self.stuff_classes = list(range(len(self.class_names)))
+        if val_fraction:
+            entries = hold_out(entries, split, val_fraction, f"{self._images.where} with {self._masks.where}")
+        super().__init__(entries, f"{self._images.where} with {self._masks.where}")
+
+    @staticmethod
+    def _pairs(root: str, images_path: str, masks_path: str, split: str) -> tuple[Reader, Reader, list]:
+        images = _user_reader(root, images_path, f"the {split} images ({split}_images)")
+        masks = _user_reader(root, masks_path, f"the {split} label PNGs ({split}_masks)")
+        by_stem: dict[str, list[str]] = {}
+        for name in images.names():
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                by_stem.setdefault(_stem(name), []).append(name)
+        labels: dict[str, list[str]] = {}
+        for name in masks.names():
+            if name.lower().endswith(".png"):
+                labels.setdefault(_stem(name), []).append(name)
+        for reader, found in ((images, by_stem), (masks, labels)):
+            twice = sorted(stem for stem, names in found.items() if len(names) > 1)
+            if twice:
+                raise DataError(f"{reader.where}: several files share the stem(s) {twice[:5]}; images and labels "
+                                "are paired by file stem")
+        unlabelled = sorted(set(by_stem) - set(labels))
+        if unlabelled:
+            raise DataError(f"{masks.where}: no label PNG for {len(unlabelled)} image(s) of {images.where} (e.g. "
+                            f"{', '.join(by_stem[s][0] for s in unlabelled[:5])}); each image needs a PNG of the "
+                            "same file stem")
+        stems = sorted(by_stem, key=lambda s: _index_order(by_stem[s][0]))
+        return images, masks, [(by_stem[s][0], labels[s][0]) for s in stems]
+
+    def _classes_of(self, label: np.ndarray) -> np.ndarray:
+        """(H, W) class index per pixel, -1 where ignored."""
+        label = label.astype(np.int64)
+        ignored = label == self._ignore_value
+        if self._ignore_zero:
+            ignored |= label == 0
+            label = label - 1
+        return np.where(ignored, -1, label)
+
+    @staticmethod
+    def _read_label(masks: Reader, member: str) -> np.ndarray:
+        label = decode_png(masks, member)
+        if label.ndim != 2:
+            raise DataError(f"{masks.where}: {member!r} has shape {label.shape}; a label PNG must be single-channel "
+                            "(greyscale or palette) holding class indices")
+        return label
+
+    def _count_classes(self, masks: Reader, entries: list) -> int:
+        """1 + the largest class in the labels of `entries` (each PNG decoded once per process and layout)."""
+        key = (masks.where, len(entries), self._ignore_value, self._ignore_zero)
+        if key not in _class_counts:
+
+            def largest(entry) -> int:
+                return int(self._classes_of(self._read_label(masks, entry[1])).max())
+
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+                top = max(pool.map(largest, entries), default=-1)
+            if top < 0:
+                raise DataError(f"{masks.where}: every label pixel is ignored (ignore_value={self._ignore_value}, "
+                                f"ignore_zero={self._ignore_zero}); no class to train")
+            _class_counts[key] = top + 1
+        return _class_counts[key]
+
+    def _load(self, entry) -> Record:
+        image_member, label_member = entry
+        image = decode_image(self._images, image_member)
+        label = self._read_label(self._masks, label_member)
+        _check_same_size(self._images, image_member, image, self._masks, label_member, label)
+        cls = self._classes_of(label)
+        beyond = np.unique(cls[cls >= self.num_classes])
+        if beyond.size:
+            offset = 1 if self._ignore_zero else 0
+            raise DataError(f"{self._masks.where}: {label_member!r} holds the value(s) "
+                            f"{(beyond + offset).tolist()[:10]}, beyond the {self.num_classes} classes of "
+                            f"{self._names_from} (values {offset}-{self.num_classes - 1 + offset}, "
+                            f"{'0 and ' if self._ignore_zero else ''}{self._ignore_value} ignored)")
+        present = np.flatnonzero(np.bincount(cls[cls >= 0].ravel(), minlength=self.num_classes))
+        masks = [cls == c for c in present]
+        return make_record(image, masks, [int(c) for c in present], [False] * len(masks), _stem(image_member))

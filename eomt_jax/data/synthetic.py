@@ -7,7 +7,10 @@ KIND is one of
     official zip names and members (crowd segments, unlabeled pixels, instance PNGs, ids outside the class
     maps, images that the readers must skip), read with `load_source("coco_panoptic", DIR, "train")` etc.;
   * `shapes`: a learnable panoptic dataset in the COCO panoptic layout, read with
-    `load_source("shapes", DIR, split)` (the same reader as "coco_format": classes come from the JSON).
+    `load_source("shapes", DIR, split)` (the same reader as "coco_format": classes come from the JSON);
+  * `shapes_semantic`: the same kind of images as a semantic folder (`images/{split}/`, label PNGs in
+    `labels/{split}/` with a 1-pixel border of 255 = unlabelled, names in `class_names.txt`), read with
+    `load_source("semantic_folder", DIR, split)`.
     Each image shows 2-3 textured stuff regions (grass, water, sand) and 1-3 things (circle, square,
     triangle; at most one of each) of random size and position that may occlude each other, each thing a flat
     colour jittered around its class's hue (red circles, purple squares, yellow triangles). It is sized so
@@ -490,12 +493,41 @@ def write_shapes(out: str, num_train: int = 512, num_val: int = 64, size: int = 
     return {"coco_format": truth}
 
 
+def write_shapes_semantic(out: str, num_train: int = 512, num_val: int = 64, size: int = 128,
+                          seed: int = 0) -> GroundTruth:
+    """The `shapes` images (3 thing + 3 stuff classes) as a semantic folder: one single-channel label PNG per image
+    (class index; the outermost pixels 255, unlabelled) and the class names, one per line."""
+    rng = np.random.default_rng(seed)
+    names = SHAPES_THINGS + SHAPES_STUFF
+    truth = {}
+    for split, n in (("train", num_train), ("val", num_val)):
+        truth[split] = []
+        for k in range(n):
+            sample, record = _shapes_sample(rng, k, size)
+            label = np.full(record["image"].shape[:2], 255, np.uint8)
+            for mask, cls in zip(record["masks"], record["labels"]):
+                label[mask] = cls
+            label[[0, -1]], label[:, [0, -1]] = 255, 255
+            present = [c for c in range(len(names)) if (label == c).any()]
+            for folder, blob in (("images", sample["jpeg"]), ("labels", _encode(label, "PNG"))):
+                path = os.path.join(out, folder, split, f"{sample['file_stem']}.{'jpg' if folder == 'images' else 'png'}")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(blob)
+            truth[split].append(_record(record["image"], [label == c for c in present], present,
+                                        [False] * len(present), sample["file_stem"]))
+    with open(os.path.join(out, "class_names.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    return {"semantic_folder": truth}
+
+
 WRITERS = {
     "coco_panoptic": write_coco_panoptic,
     "coco_instance": write_coco_instance,
     "ade20k": write_ade20k,
     "cityscapes": write_cityscapes,
     "shapes": write_shapes,
+    "shapes_semantic": write_shapes_semantic,
 }
 
 
@@ -548,13 +580,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: 128 shapes, 64)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    shapes = args.kind == "shapes"
+    shapes = args.kind.startswith("shapes")
     num_train = args.num_train if args.num_train is not None else (512 if shapes else 8)
     num_val = args.num_val if args.num_val is not None else (64 if shapes else 4)
     size = args.size if args.size is not None else (128 if shapes else 64)
     truth = generate(args.kind, args.out, num_train=num_train, num_val=num_val, size=size, seed=args.seed)
     for name, splits in truth.items():
-        name = "shapes" if shapes else name  # an alias of coco_format with demo training defaults
+        name = "shapes" if args.kind == "shapes" else name  # an alias of coco_format with demo training defaults
         counts = ", ".join(f"{split}: {len(records)} images" for split, records in splits.items())
         print(f"wrote {args.kind} to {args.out}; load_source({name!r}, {args.out!r}, split) -> {counts}")
 

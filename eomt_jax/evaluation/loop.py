@@ -40,6 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     """`--mode=eval`: the workdir's latest checkpoint (just the network, whatever the optimizer was), else the
     converted checkpoint `config.init_from`; either way with its stored buffers (the masked-attention
     probabilities, which `config.eval.masked_attn=True` uses)."""
+    config = config_lib.resolve(config, Path(workdir).absolute(), training=False)
     workdir = config_lib.prepare_workdir(config, workdir)
     root = data_lib.dataset_root(config.data, workdir)
     cfg = config_lib.model_config(config)
@@ -60,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 def evaluate(config: ml_collections.ConfigDict, model, root, workdir, step: int | None = None) -> dict[str, Any]:
     """Metrics of `model` on the validation split under `root`; `step` names the output files during training."""
     workdir = Path(workdir)
-    source = data_lib.load_source(config.data.name, root, "val")
+    source = data_lib.source_from_config(config.data, root, "val")
     task = config.task
     size = int(config.data.image_size)
     masked = bool(config.eval.masked_attn)

@@ -14,6 +14,7 @@ SOURCE_KINDS = [
     ("ade20k_panoptic", "ade20k"),
     ("cityscapes_semantic", "cityscapes"),
     ("coco_format", "shapes"),
+    ("semantic_folder", "shapes_semantic"),
 ]
 
 
