@@ -6,8 +6,9 @@ Flags, then the distributed start-up, then one call: `train.run` (train, train_a
 Config values are overridden with `--config.key=value` (e.g. `--config.data.root=/data/coco`); the config is
 locked, so a misspelt key is an error. A workdir that holds a checkpoint resumes from it.
 
-Exit codes: 0 done; 1 an error (one line `error: ...` for a run that cannot go on: busy workdir, non-finite loss,
-no restorable or a non-fitting checkpoint); 130 / 143 stopped by SIGINT / SIGTERM after saving its step.
+Exit codes: 0 done; 1 an error (one line `error: ...` for a run that cannot go on: an invalid config, unusable data,
+a busy workdir, a non-finite loss, no restorable or a non-fitting checkpoint); 130 / 143 stopped by SIGINT /
+SIGTERM after saving its step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ml_collections import config_flags
 
 from eomt_jax import compile_report, config_lib, distributed, evaluation, train
 from eomt_jax.checkpoints import IncompatibleCheckpoint
+from eomt_jax.data import DataError
 from eomt_jax.workdir_lock import WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/coco_panoptic_large.py:res=640",
@@ -65,7 +67,7 @@ def main(argv):
             train.run(config, workdir, _MODE.value)
     except train.TrainingInterrupted as e:
         sys.exit(e.exit_code)  # the message is logged where the run stopped
-    except (config_lib.ConfigError, train.TrainingError, WorkdirBusy, IncompatibleCheckpoint) as e:
+    except (config_lib.ConfigError, DataError, train.TrainingError, WorkdirBusy, IncompatibleCheckpoint) as e:
         sys.exit(f"error: {e}")
 
 
