@@ -6,6 +6,7 @@ every axis; parameters are replicated unless a sharding rule says otherwise.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import re
@@ -14,6 +15,7 @@ from typing import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from eomt_jax import gpu_targets
 from eomt_jax.tree import path_str
 
 
@@ -36,17 +38,26 @@ def make_mesh(spec: Sequence[Sequence], devices: Sequence[jax.Device] | None = N
 
 
 def topology_devices(name: str) -> list:
-    """Compile-only devices of an accelerator topology, e.g. "tpu:v5e:4x4", "tpu:v4:2x2x2", "tpu:v5p:2x2x4".
+    """Compile-only devices of an accelerator topology: "tpu:<chip>:<shape>" (tpu:v5e:4x4, tpu:v4:2x2x2,
+    tpu:v5p:2x2x4) or "gpu:<model>:<count>" / "gpu:<model>:<hosts>x<count per host>" (gpu:h100:4, gpu:a100:2x8;
+    models: `gpu_targets.GPU_TARGETS`).
 
     They need no hardware, only the platform's compiler: TPU topologies work on any machine with libtpu installed
-    (`pip install -e ".[tpu]"`). Programs compiled for them report the target's own memory use.
+    (`pip install -e ".[tpu]"`), GPU ones with the CUDA plugin (`pip install -e ".[cuda]"`, run with
+    `JAX_PLATFORMS=cpu`). Programs compiled for them report the target compiler's own memory use.
     """
     platform, _, topology = name.partition(":")
-    if platform != "tpu" or not topology:
-        raise ValueError(
-            f"--target_topology must name a TPU topology as tpu:<chip>:<shape> (tpu:v5e:4x4, tpu:v4:2x2x2, "
-            f"tpu:v5p:2x2x1), got {name!r}"
-        )
+    if platform == "tpu" and topology:
+        return _tpu_devices(name, topology)
+    if platform == "gpu" and topology:
+        return _gpu_devices(name)
+    raise ValueError(
+        f"--target_topology must name a TPU topology as tpu:<chip>:<shape> (tpu:v5e:4x4, tpu:v4:2x2x2, "
+        f"tpu:v5p:2x2x1) or GPUs as gpu:<model>:<count> (gpu:h100:4, gpu:a100:2x8), got {name!r}"
+    )
+
+
+def _tpu_devices(name: str, topology: str) -> list:
     from jax.experimental import topologies
 
     # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore"), as on the real machines.
@@ -61,6 +72,49 @@ def topology_devices(name: str) -> list:
                 'pip install -e ".[tpu]" in the eomt_jax checkout (no TPU is needed)'
             ) from e
         raise ValueError(f"cannot describe --target_topology={name} (tpu:<chip>:<shape>, e.g. tpu:v5e:4x4): {e}") from e
+
+
+def parse_gpu_topology(name: str) -> tuple[str, int, int]:
+    """"gpu:h100:4" -> ("h100", 1, 4); "gpu:h100:2x8" -> ("h100", 2, 8): the model, hosts, GPUs per host."""
+    parts = name.split(":")
+    shape = parts[2].lower().split("x") if len(parts) == 3 and parts[0] == "gpu" else []
+    if len(shape) not in (1, 2) or not all(s.isdigit() and int(s) > 0 for s in shape):
+        raise ValueError(f"a GPU target is gpu:<model>:<count> or gpu:<model>:<hosts>x<count> (gpu:h100:4, "
+                         f"gpu:a100:2x8), got {name!r}")
+    gpu_targets.target_config(parts[1])  # a known model
+    hosts, per_host = (1, int(shape[0])) if len(shape) == 1 else (int(shape[0]), int(shape[1]))
+    return parts[1].lower(), hosts, per_host
+
+
+def _cuda_plugin_installed() -> bool:
+    if importlib.util.find_spec("jax_plugins") is None:
+        return False
+    return any(importlib.util.find_spec(f"jax_plugins.{p}") for p in ("xla_cuda12", "xla_cuda13"))
+
+
+def _gpu_devices(name: str) -> list:
+    model, hosts, per_host = parse_gpu_topology(name)
+    if not _cuda_plugin_installed():
+        raise RuntimeError(
+            f"--target_topology={name} needs the CUDA plugin and its compiler, which are not installed: "
+            'pip install -e ".[cuda]" in the eomt_jax checkout (no GPU is needed)')
+    from jax.experimental import topologies
+
+    # Without a GPU the CUDA plugin registers (and describes topologies) only when JAX is not asked to start a CUDA
+    # backend: JAX_PLATFORMS=cpu. Set it here when no backend has started yet.
+    if not jax.config.jax_platforms:
+        try:
+            jax.config.update("jax_platforms", "cpu")
+        except RuntimeError:  # backends already started: the user's JAX_PLATFORMS decides
+            pass
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                                target_config=gpu_targets.target_config(model))
+    except NotImplementedError as e:
+        raise RuntimeError(
+            f"--target_topology={name}: the CUDA plugin did not start, so it cannot describe GPUs; without a GPU "
+            "run with JAX_PLATFORMS=cpu set in the environment") from e
+    return list(topology.devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from absl import app
 
-from eomt_jax import compile_report
+from eomt_jax import compile_report, gpu_targets
 from eomt_jax import mesh as mesh_lib
 from eomt_jax.main import check_flags
 from eomt_jax.config_lib import load_config_file
@@ -68,6 +68,8 @@ def test_compile_mode_reports_memory_and_flops_without_data_or_state(tmp_path):
     assert report["total_bytes"] >= report["temporaries_bytes"]
     assert report["fits"] and report["saved_activations_bytes"] > 0
     assert json.loads((tmp_path / "compile_report.json").read_text()) == report
+    inference = report["inference"]  # the network alone, one image per device
+    assert inference["devices"] == 8 and inference["fits"] and 0 < inference["total_bytes"] < report["total_bytes"]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()  # ...nor train
 
 
@@ -92,7 +94,7 @@ def test_compile_report_says_when_the_step_does_not_fit(tmp_path, caplog):
         def lower(self, *args):
             return self
 
-        def compile(self):
+        def compile(self, compiler_options=None):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, 18.40G > 15.75G")
 
     state = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=mesh_lib.replicated(mesh_lib.make_mesh([("data", -1)])))}
@@ -102,3 +104,53 @@ def test_compile_report_says_when_the_step_does_not_fit(tmp_path, caplog):
     assert "does not fit" in caplog.text
     with pytest.raises(jax.errors.JaxRuntimeError):  # a training run re-raises it
         compile_report.compile_and_report(TooBig(), state, {})
+
+
+def test_gpu_targets_name_a_described_model_and_a_device_count(tmp_path):
+    assert mesh_lib.parse_gpu_topology("gpu:h100:4") == ("h100", 1, 4)
+    assert mesh_lib.parse_gpu_topology("gpu:A100:2x8") == ("a100", 2, 8)  # 2 hosts of 8
+    for bad in ("gpu:h100", "gpu:h100:0", "gpu:h100:4x", "gpu:h100:2x2x2", "gpu::4"):
+        with pytest.raises(ValueError):
+            mesh_lib.topology_devices(bad)
+    with pytest.raises(ValueError, match="known: a100, h100, h200"):
+        mesh_lib.parse_gpu_topology("gpu:v100:1")
+    for model, text in gpu_targets.GPU_TARGETS.items():
+        # XLA's descriptions, less the field jaxlib 0.10's proto refuses.
+        assert "collective_memory_granularity" not in text and f'device_description_str: "NVIDIA {model.upper()}' in text
+    if not mesh_lib._cuda_plugin_installed():
+        # The CI machine: no CUDA plugin, and the error says how to get one.
+        with pytest.raises(RuntimeError, match=r"\.\[cuda\]"):
+            mesh_lib.topology_devices("gpu:h100:4")
+
+
+def test_compile_report_lists_fused_attention_kernels_and_avoids_host_callbacks_for_absent_gpus():
+    class Compiled:  # the optimized HLO of a GPU program, in part
+        def as_text(self):
+            call = 'custom-call(...), custom_call_target="__cudnn${}", backend_config={{}}\n'
+            return 2 * call.format("fmhaSoftmax") + call.format("fmhaScaleBiasSoftmaxBackward") + "fusion(...)"
+
+    assert compile_report.attention_kernels(Compiled()) == {
+        "cudnn fmhaScaleBiasSoftmaxBackward": 1, "cudnn fmhaSoftmax": 2}
+    config = _config([("data", -1)])
+    assert config.loss.matcher == "scipy"
+    assert compile_report._without_host_callbacks(config).loss.matcher == "optax"
+    assert config.loss.matcher == "scipy"  # the caller's config is left alone
+
+
+def test_absent_gpu_compile_falls_back_to_cublas_where_untuned_triton_tiling_fails():
+    class Lowered:
+        def __init__(self):
+            self.options = []
+
+        def compile(self, compiler_options=None):
+            self.options.append(compiler_options)
+            if (compiler_options or {}).get("xla_gpu_enable_triton_gemm", True):
+                raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes that satisfy hlo: dot")
+            return "compiled"
+
+    lowered, figures = Lowered(), {}
+    assert compile_report._compile(lowered, compile_report.DEVICELESS_GPU_OPTIONS, figures) == "compiled"
+    assert lowered.options[-1]["xla_gpu_enable_triton_gemm"] is False
+    assert figures["compiler_options"]["xla_gpu_enable_cub_radix_sort"] is False
+    with pytest.raises(jax.errors.JaxRuntimeError):  # local compiles (no options) never change their options
+        compile_report._compile(Lowered(), None, {})

@@ -111,17 +111,132 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     mask: bool (B, N, N), True = may attend, or None.
     impl "plain": einsum + softmax with scores and softmax in float32 whatever the activation dtype. CPU inference
     processes the queries in row chunks (`plain_attention`), the same arithmetic per row.
-    impl "fused": `jax.nn.dot_product_attention`, which picks cuDNN's fused kernel on GPUs where the shapes
-    allow and falls back to XLA elsewhere.
+    impl "fused": `fused_attention`: cuDNN's flash-attention kernel on CUDA GPUs where it takes the operands,
+    `jax.nn.dot_product_attention`'s XLA form elsewhere.
     """
     if impl == "fused":
-        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None])
+        return fused_attention(q, k, v, mask)
     if impl != "plain":
         raise ValueError(f"attention implementation must be 'plain' or 'fused', got {impl!r}")
     # Heads next to batch, so that both dots are plain batched matmuls: with (B, N, H, D) operands XLA:CPU
     # transposes the whole (B, H, N, N) probability matrix before the second dot.
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     return plain_attention(q, k, v, mask).transpose(0, 2, 1, 3)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`jax.nn.dot_product_attention` on (B, N, heads, head_dim) operands, mask bool (B, N, N) or None: cuDNN's
+    flash-attention kernel when the program is compiled for a CUDA GPU and cuDNN takes the operands
+    (`cudnn_takes`), XLA's attention (full score matrices) otherwise.
+
+    `implementation=None` would never pick cuDNN (jax 0.10 "defaults to XLA for now"), so cuDNN is asked for
+    by name, inside a `jax.lax.platform_dependent` choice: one traced program serves a GPU, a CPU, and a GPU
+    compiled for from another machine (`--target_topology=gpu:...`), each lowering its own branch. A mask becomes
+    an additive bias; differentiated, odd sequence lengths are padded by one token (`even_length_attention`).
+    """
+    def xla(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                            implementation="xla")
+
+    if not cudnn_takes(q, k, v):
+        return xla(q, k, v, mask)
+    return jax.lax.platform_dependent(q, k, v, mask, cuda=_cudnn_attention, default=xla)
+
+
+# Head sizes cuDNN's flash attention takes for bf16/fp16: multiples of 8 up to 128 (jax allows 256 only on an
+# attached Hopper or newer GPU; compiling for a GPU from another machine it checks the local, CPU, backend).
+CUDNN_MAX_HEAD_DIM = 128
+
+
+@functools.cache
+def cudnn_installed() -> bool:
+    """Whether cuDNN can be called from JAX here (the CUDA plugin and its cuDNN wheel are installed; a GPU need
+    not be)."""
+    try:
+        # The check jax.nn.dot_product_attention(implementation="cudnn") makes before tracing anything.
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        check_cudnn_version()
+        return True
+    except Exception:  # not installed (RuntimeError), or jax moved the check: take the XLA path
+        return False
+
+
+def cudnn_takes(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether `fused_attention` may ask cuDNN for these operands: bf16 or fp16, one dtype, a head size cuDNN
+    takes, and cuDNN installed. Everything else (float32 activations, say) takes the XLA path on GPUs too."""
+    head_dim = q.shape[-1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype == v.dtype
+            and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM and cudnn_installed())
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if q.shape[1] % 2 or k.shape[1] % 2:
+        return _odd_length_cudnn_attention(q, k, v, mask)
+    return even_length_attention(q, k, v, mask, "cudnn")
+
+
+def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` of (B, N, heads, head_dim) operands, mask bool (B, N, N) or None, computed on
+    operands padded to an even N: the same attention (float rounding apart), in the form cuDNN differentiates.
+
+    jax 0.10's cuDNN attention refuses odd sequence lengths when differentiated (it checks them whenever a bias
+    could be present, and it counts "no bias" as one), and EoMT's are odd (1805 tokens at 640, 6605 at 1280). One
+    padding token makes them even. Unmasked, the padding key is cut off by the key length (cuDNN's padding mask,
+    no bias tensor); masked, by the bias (`padded_mask_bias`). The padding query row is dropped.
+    """
+    n = q.shape[1]
+    if mask is None:
+        if n % 2 == 0:
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        lengths = jnp.full((q.shape[0],), n, jnp.int32)
+        q, k, v = (_pad_tokens(a, n + 1) for a in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                           implementation=implementation)
+        return out[:, :n]
+    bias = padded_mask_bias(mask, q.dtype)
+    q, k, v = (_pad_tokens(a, bias.shape[-1]) for a in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)[:, :n]
+
+
+@jax.custom_vjp
+def _odd_length_cudnn_attention(q, k, v, mask):
+    # Not differentiated (inference), cuDNN takes odd lengths as they are: no padding, no bias for unmasked
+    # attention. Differentiated, the forward and backward passes are those of the padded form.
+    bias = None if mask is None else jnp.where(mask, 0.0, _large_negative(q.dtype)).astype(q.dtype)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+
+
+def _odd_length_fwd(q, k, v, mask):
+    return jax.vjp(lambda q, k, v, mask: even_length_attention(q, k, v, mask, "cudnn"), q, k, v, mask)
+
+
+def _odd_length_bwd(vjp, cotangent):
+    return vjp(cotangent)
+
+
+_odd_length_cudnn_attention.defvjp(_odd_length_fwd, _odd_length_bwd)
+
+
+def _large_negative(dtype) -> float:
+    # What JAX turns a bool mask into for cuDNN: finite, so that cuDNN never subtracts two infinities.
+    return -(2.0**41) if jnp.dtype(dtype) == jnp.bfloat16 else -(2.0**15)
+
+
+def padded_mask_bias(mask: jax.Array, dtype) -> jax.Array:
+    """The additive (B, 1, N', N') bias of a bool (B, N, N) mask, N' = N rounded up to even: 0 where a query may
+    attend, a large negative number where it may not and at the padding key (whose weight is then exactly 0);
+    the padding query row sees every real key."""
+    n = mask.shape[-1]
+    pad, neg = n % 2, _large_negative(dtype)
+    bias = jnp.where(mask, 0.0, neg).astype(dtype)[:, None]
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=neg)
+    return jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+
+def _pad_tokens(a: jax.Array, n: int) -> jax.Array:
+    return jnp.pad(a, ((0, 0), (0, n - a.shape[1]), (0, 0), (0, 0)))
 
 
 def whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:

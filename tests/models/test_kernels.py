@@ -82,3 +82,57 @@ def test_cpu_bfloat16_inference_multiplies_with_float32_accumulation():
         np.asarray(jax.jit(lambda a, b: kernels.dot_general(a, b, dims))(a, b), np.float32),
         np.asarray(jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)).astype(jnp.bfloat16), np.float32),
     )
+
+
+def _qkv_and_mask(n: int, dtype, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 16)), dtype) for _ in range(3))
+    # EoMT's structure: only the first rows (the queries) are masked, and never fully.
+    mask = jnp.ones((2, n, n), bool).at[:, :5, 8:].set(jnp.asarray(rng.uniform(size=(2, 5, n - 8)) > 0.5))
+    return q, k, v, mask
+
+
+def test_attention_padded_to_even_length_is_the_same_attention():
+    """The form the fused path hands cuDNN when differentiated (odd EoMT lengths padded by one token: a key cut off
+    by the key length or the bias, a query row dropped) computes the same attention and gradients: run here with
+    XLA's implementation, it equals the unpadded one exactly (the padding key's weight is exactly 0)."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v, mask = _qkv_and_mask(37, dtype)
+        for m in (None, mask):
+            def ref(q, k, v):
+                return jax.nn.dot_product_attention(q, k, v, mask=None if m is None else m[:, None],
+                                                    implementation="xla")
+
+            def padded(q, k, v):
+                return kernels.even_length_attention(q, k, v, m, "xla")
+
+            np.testing.assert_array_equal(jax.jit(padded)(q, k, v), jax.jit(ref)(q, k, v))
+
+            def grads(f):
+                objective = lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))  # noqa: E731
+                return jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(q, k, v)
+
+            if dtype == jnp.float32:  # the gradients' padding is dtype-independent: one dtype is enough
+                for a, b in zip(grads(padded), grads(ref)):
+                    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    bias = kernels.padded_mask_bias(mask, jnp.bfloat16)
+    assert bias.shape == (2, 1, 38, 38) and bias.dtype == jnp.bfloat16
+    assert (bias[:, :, :37, 37] < -1e12).all() and (bias[:, :, 37, :37] == 0).all()  # padding key / query row
+    np.testing.assert_array_equal(bias[:, 0, :37, :37] == 0, mask)
+
+
+def test_fused_attention_asks_cudnn_only_where_it_takes_the_operands():
+    """cuDNN is requested by name only for bf16/fp16 operands with a head size it takes, and only when installed;
+    everywhere else, and on every non-GPU platform, the fused path is XLA's attention. On CPUs it equals the plain
+    path up to float rounding, masks included."""
+    q, k, v, mask = _qkv_and_mask(37, jnp.float32)
+    assert not kernels.cudnn_takes(q, k, v)  # float32: XLA on GPUs too
+    bf16 = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    assert kernels.cudnn_takes(*bf16) == kernels.cudnn_installed()
+    wide = jnp.zeros((1, 4, 1, kernels.CUDNN_MAX_HEAD_DIM + 8), jnp.bfloat16)
+    assert not kernels.cudnn_takes(wide, wide, wide)
+    for m in (None, mask):
+        fused = kernels.attention(q, k, v, m, "fused")
+        np.testing.assert_array_equal(
+            fused, jax.nn.dot_product_attention(q, k, v, mask=None if m is None else m[:, None]))
+        np.testing.assert_allclose(fused, kernels.attention(q, k, v, m, "plain"), atol=1e-6, rtol=0)
