@@ -4,6 +4,7 @@ of the PyTorch EoMT).
     python -m eomt_jax.benchmark --size L --image-size 640 --batch-size 1 --dtype float32 --steps 10 --compare-torch
     python -m eomt_jax.benchmark --config configs/coco_panoptic_large.py --dtype bfloat16 --batch-size 8
     python -m eomt_jax.benchmark --mode=train --config configs/coco_panoptic_large.py --batch-size 16 --compare-torch
+    python -m eomt_jax.benchmark --suite gpu --out DIR      # everything below, JSON + Markdown (see SUITE)
 
 Prints images/s, ms per step (median and p90 over the timed steps, after warm-up, each step synchronised with
 `block_until_ready`), compile time, peak device memory where the backend reports it, and the achieved TFLOP/s
@@ -24,7 +25,9 @@ config's). The PyTorch comparison times the `transformers` EoMT's own training s
 and Hungarian matcher, AdamW with the config's settings and gradient clipping, autocast to bfloat16 with
 `--dtype bfloat16`; its initialisation is its own (the cost of a step does not depend on the weights).
 
-With --compare-torch, JAX does not preallocate device memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so
+--suite gpu runs a fixed set of both modes and of the PyTorch comparisons within 8 minutes on one GPU (`SUITE`).
+
+With --compare-torch (and --suite), JAX does not preallocate device memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so
 that PyTorch, which runs second in the same process, gets what JAX's pool has not taken: compare at a batch that fits
 twice.
 """
@@ -32,8 +35,11 @@ twice.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -115,9 +121,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true", help="time eager PyTorch only")
+    p.add_argument("--suite", choices=["gpu"], help="run a whole benchmark suite (see SUITE) and write its report")
+    p.add_argument("--out", help="--suite: the folder for suite.json, suite.md and the profiler trace")
+    p.add_argument("--tiny", action="store_true", help="--suite: the same code path at tiny sizes (any device)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="--suite: parts that would end later than this many seconds after the start are skipped "
+                        "(and named as skipped)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.suite:
+        if not args.out:
+            p.error("--suite needs --out DIR")
+        # PyTorch runs in the same process after JAX: JAX must not take the device memory up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        return suite_main(args)
     if args.compare_torch:
         # Takes effect only if the JAX backend has not started yet (it has not, when run from the command line).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -194,6 +212,169 @@ def _add_torch(report: dict[str, Any], t: dict[str, Any], details: str) -> None:
     report["speedup"] = report["jax"]["images_per_s"] / t["images_per_s"]
     print(torch_line(t, details))
     print(f"jax / torch throughput: {report['speedup']:.2f}x")
+
+
+# -- the GPU suite -------------------------------------------------------------------------------------------------
+
+SUITE = """--suite gpu: EoMT-L 640 on one accelerator, in this order, each part skipped (and named) when it would end
+after --budget-s (7 minutes: the suite fits in 8 from a cold start): inference in bf16 at batch 1 and 8, plain and fused attention, the network alone and with the panoptic
+post-processing; the train step of configs/coco_panoptic_large.py at 4 images per device with its own precision
+policy, plain and fused attention, with MFU, and a jax.profiler trace of 3 steps with the operations that took
+the most time; the transformers EoMT (torch.compile where it works) on the same inputs: inference and its
+training step. Writes suite.json, suite.md (tables for the README) and trace/ into --out. --tiny runs the same
+parts at tiny sizes (any device, CPUs included; PyTorch eager)."""
+
+# Tiny sizes of --suite --tiny: every part of the suite, in seconds on a CPU.
+TINY_MODEL = dict(embed_dim=64, depth=3, num_heads=2, mlp_hidden=128, num_blocks=2, num_queries=5,
+                  num_classes=133, image_size=(64, 64))
+
+
+def suite_main(args) -> dict[str, Any]:
+    """`--suite gpu`: run the suite (`SUITE`), write DIR/suite.json and DIR/suite.md, return the report."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    tiny = args.tiny
+    report: dict[str, Any] = {
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax_version": jax.__version__,
+        "tiny": tiny, "inference": [], "train": [], "skipped": [],
+    }
+
+    def part(name: str, fn, needs_s: float) -> None:
+        """Run one part unless it would end after the budget (`needs_s`: what it takes on an H100 from a cold
+        compile, roughly; --tiny: nothing); a part that fails is recorded and the suite goes on."""
+        if time.monotonic() - start + (0 if tiny else needs_s) > args.budget_s:
+            report["skipped"].append(name)
+            print(f"[suite] skipped (time budget): {name}", flush=True)
+            return
+        t = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # one broken part (an OOM, a torch.compile failure) must not lose the others
+            report.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"[suite] {name} failed: {report['errors'][name]}", flush=True)
+        print(f"[suite] {name}: {time.monotonic() - t:.0f} s", flush=True)
+
+    steps, warmup = (2, 1) if tiny else (args.steps, args.warmup)
+    # torch.compile of even a tiny model takes minutes on a CPU: --tiny times eager PyTorch.
+    torch_compile = not (args.no_torch_compile or tiny)
+    batches = (1, 2) if tiny else (1, 8)
+    models = {}
+
+    def jax_inference(batch, attention):
+        cfg = _suite_model(tiny, attention)
+        res, model, images = timing.jax_inference(cfg, batch, steps, warmup, postprocess=True)
+        models[batch] = (model, images)
+        report["inference"].append({"framework": "jax", "attention": attention, "batch": batch, **res,
+                                    "peak_memory_gib": timing.peak_memory_gib()})
+
+    for batch in batches:
+        for attention in ("plain", "fused"):
+            part(f"jax inference batch {batch} {attention}", functools.partial(jax_inference, batch, attention), 30)
+
+    train_config = _suite_train_config(tiny)
+    # Fused first: JAX's peak memory only grows within a process, so the second (plain, larger) step's peak is
+    # still its own.
+    for attention in ("fused", "plain"):
+        def jax_train(attention=attention):
+            config = train_config.copy_and_resolve_references()
+            config.model.attention = attention
+            trace = out / "trace" if attention == "fused" else None
+            res, cfg, mesh, batch = timing.jax_training(config, steps, warmup, trace_dir=trace)
+            peak = timing.device_peak("float32" if cfg.precision == "float32" else "bfloat16")
+            tflops = res["flops_per_step"] / (res["ms_median"] / 1e3) / 1e12
+            report["train"].append({
+                "framework": "jax", "attention": attention, "precision": cfg.precision, "devices": mesh.size,
+                "images_per_device": config.data.batch_size // mesh.size, **res, "tflops": tflops,
+                "mfu": tflops / (peak * mesh.size) if peak else None, "peak_memory_gib": timing.peak_memory_gib()})
+            models["train"] = (config, cfg, batch)
+
+        part(f"jax train step {attention}", jax_train, 120)
+
+    for batch in batches:
+        def torch_inference(batch=batch):
+            model, images = models[batch]
+            res = torch_reference.torch_inference(model, images, steps, warmup, compile=torch_compile,
+                                                  postprocess=True)
+            report["inference"].append({"framework": "torch", "attention": "transformers", "batch": batch, **res})
+
+        part(f"torch inference batch {batch}", torch_inference, 60)
+
+    def torch_train():
+        config, cfg, batch = models["train"]
+        res = torch_reference.torch_training(config, cfg, batch, steps, warmup, compile=torch_compile)
+        report["train"].append({"framework": "torch", "attention": "transformers", "precision": cfg.precision,
+                                "devices": 1, "images_per_device": int(batch["image"].shape[0]), **res})
+
+    part("torch train step", torch_train, 90)
+    report["seconds"] = time.monotonic() - start
+    (out / "suite.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "suite.md").write_text(suite_markdown(report))
+    print((out / "suite.md").read_text())
+    return report
+
+
+def _suite_model(tiny: bool, attention: str) -> EoMTConfig:
+    cfg = EoMTConfig(**TINY_MODEL) if tiny else preset("L", num_classes=133, num_queries=200, image_size=640)
+    return cfg.with_precision("bfloat16").replace(param_dtype="bfloat16", attention=attention,
+                                                  masked_attn_enabled=False)
+
+
+def _suite_train_config(tiny: bool) -> ml_collections.ConfigDict:
+    spec = str(Path(__file__).resolve().parents[1] / "configs" / "coco_panoptic_large.py")
+    config = config_lib.load_config_file(spec + (":runlocal" if tiny else ""))
+    with config.unlocked():
+        config.data.batch_size = 4 * jax.device_count()  # the paper's 4 images per GPU
+        config.mesh = (("data", -1), ("fsdp", 1))
+    return config
+
+
+def suite_markdown(report: dict[str, Any]) -> str:
+    """The suite's report as Markdown tables (inference, train step, top operations)."""
+    torch_rate = {(r["batch"], k): r[k]["images_per_s"] if k != "net" else r["images_per_s"]
+                  for r in report["inference"] if r["framework"] == "torch"
+                  for k in ("net", "with_postprocess") if k == "net" or k in r}
+    size = "tiny EoMT, 64x64" if report["tiny"] else "EoMT-L 640"
+    lines = [f"{report['device']} ({report['devices']} device(s)), jax {report['jax_version']}; {size}, bf16 weights "
+             "and activations, masked attention off.", "",
+             "| framework, attention | batch | network ms | img/s | + post-processing ms | img/s | compile s | "
+             "img/s vs PyTorch (network, + post) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["inference"]:
+        post = r.get("with_postprocess", {})
+        ratio = ""
+        if r["framework"] == "jax" and (r["batch"], "net") in torch_rate:
+            ratio = f"{r['images_per_s'] / torch_rate[(r['batch'], 'net')]:.2f}x"
+            if post and (r["batch"], "with_postprocess") in torch_rate:
+                ratio += f", {post['images_per_s'] / torch_rate[(r['batch'], 'with_postprocess')]:.2f}x"
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ("torch.compile" if r.get("torch_compile")
+                                                                         else "eager")
+        lines.append(f"| {r['framework']}, {r['attention']} | {r['batch']} | {r['ms_median']:.2f} | "
+                     f"{r['images_per_s']:.1f} | {post.get('ms_median', float('nan')):.2f} | "
+                     f"{post.get('images_per_s', float('nan')):.1f} | {compile_s} | {ratio} |")
+    lines += ["", "Train step (configs/coco_panoptic_large.py" + (":runlocal" if report["tiny"] else "") + "):", "",
+              "| framework, attention | precision | images/device | ms/step | img/s | MFU | peak memory GiB "
+              "(compiled step) | compile s |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["train"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        peak = f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") else "n/a"
+        if r.get("compiled_memory_gib"):
+            peak += f" ({r['compiled_memory_gib']:.2f})"
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ("torch.compile" if r.get("torch_compile")
+                                                                         else "eager")
+        lines.append(f"| {r['framework']}, {r['attention']} | {r['precision']} | {r['images_per_device']} | "
+                     f"{r['ms_median']:.1f} | {r['images_per_s']:.2f} | {mfu} | {peak} | {compile_s} |")
+    ops = next((r["top_ops"] for r in report["train"] if r.get("top_ops")), [])
+    if ops:
+        lines += ["", "Most expensive operations of the train step (jax.profiler, fused attention):", "",
+                  "| operation | calls | ms | % |", "|---|---|---|---|"]
+        lines += [f"| `{o['name']}` {o['detail']} | {o['count']} | {o['total_ms']:.2f} | {o['percent']:.1f} |"
+                  for o in ops]
+    for name in report["skipped"]:
+        lines.append(f"\nSkipped (time budget): {name}")
+    for name, error in report.get("errors", {}).items():
+        lines.append(f"\nFailed: {name}: {error}")
+    return "\n".join(lines) + "\n"
 
 
 def run() -> None:

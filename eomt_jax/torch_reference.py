@@ -85,8 +85,13 @@ def torch_compiled(module, call: Callable[[Any], Any], compile: bool):
     return module, False
 
 
-def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, compile: bool = True):
-    """The transformers EoMT with our weights (converted back to its layout), timed on the same inputs."""
+def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, compile: bool = True,
+                    postprocess: bool = False):
+    """The transformers EoMT with our weights (converted back to its layout), timed on the same inputs.
+
+    With `postprocess`, also the network followed by the transformers image processor's panoptic
+    post-processing at the input's resolution (`post_process_panoptic_segmentation`, COCO's stuff classes for
+    133 classes), reported under "with_postprocess"."""
     import torch
     from transformers import EomtForUniversalSegmentation
 
@@ -102,9 +107,12 @@ def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, com
     # side (weights rounded to bf16 for each product; softmax and normalisations in float32 on both sides).
     bf16 = c.precision != "float32"
 
-    def run(f):
+    def outputs(f):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return f(pixel_values=pixel).masks_queries_logits
+            return f(pixel_values=pixel)
+
+    def run(f):
+        return outputs(f).masks_queries_logits
 
     fn, compiled = torch_compiled(torch_model, run, compile)
 
@@ -113,12 +121,33 @@ def torch_inference(model: EoMT, images: jax.Array, steps: int, warmup: int, com
 
     out = summary(torch_timed(step, steps, warmup, device), pixel.shape[0])
     out["torch_compile"] = compiled
+    if postprocess:
+        out["with_postprocess"] = summary(torch_timed(_panoptic_step(outputs, fn, c), steps, warmup, device),
+                                          pixel.shape[0])
     if c.mlp_type == "gelu":
         # Same weights and inputs: the outputs must agree, or the comparison is not like for like.
         ours = np.asarray(model(images, masked_attn=False)[0][-1], np.float32)
         out["max_abs_diff"] = float(np.abs(step().float().cpu().numpy() - ours).max())
     out["dtype"] = "bfloat16 (autocast)" if bf16 else "float32"
     return out
+
+
+def _panoptic_step(run_outputs: Callable, fn, c: EoMTConfig) -> Callable[[], Any]:
+    """One step of network + the transformers panoptic post-processing (`run_outputs(fn)` -> model outputs)."""
+    import torch
+    from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
+
+    h, w = c.image_size
+    processor = EomtImageProcessorPil(size={"shortest_edge": h, "longest_edge": w})
+    stuff = list(range(80, c.num_classes)) if c.num_classes == 133 else None
+
+    def step():
+        outputs = run_outputs(fn)
+        with torch.no_grad():
+            return processor.post_process_panoptic_segmentation(
+                outputs, target_sizes=[(h, w)] * outputs.masks_queries_logits.shape[0], stuff_classes=stuff)
+
+    return step
 
 
 def torch_training(config: ml_collections.ConfigDict, cfg: EoMTConfig, batch: dict[str, jax.Array], steps: int,

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from eomt_jax import benchmark
 
 TINY = """
@@ -65,3 +67,24 @@ def test_train_benchmark_size_preset():
     assert config.model.embed_dim == 384 and config.model.depth == 12 and config.model.image_size == (320, 320)
     assert config.data.batch_size == 8 and config.model.dtype == "bfloat16" and config.data.image_size == 320
     assert len(config.anneal.starts) == config.model.num_blocks == 3  # EoMT-S: queries in the last 3 blocks
+
+
+@pytest.mark.slow
+def test_gpu_suite_tiny_runs_every_part_and_writes_its_tables(tmp_path):
+    """`--suite gpu --tiny`: the suite's code path at tiny sizes on the test CPUs: JAX inference (plain and fused,
+    with post-processing), the train step with a profiler trace and its top operations, the PyTorch side."""
+    report = benchmark.main(["--suite", "gpu", "--tiny", "--out", str(tmp_path)])
+    assert not report["skipped"] and not report.get("errors")
+    jax_rows = [r for r in report["inference"] if r["framework"] == "jax"]
+    assert {(r["batch"], r["attention"]) for r in jax_rows} == {(1, "plain"), (1, "fused"), (2, "plain"), (2, "fused")}
+    assert all(r["with_postprocess"]["images_per_s"] > 0 for r in report["inference"])
+    assert {r["framework"] for r in report["train"]} == {"jax", "torch"}
+    fused, plain = (r for r in report["train"] if r["framework"] == "jax")
+    assert fused["attention"] == "fused" and fused["images_per_device"] == 4
+    assert plain["steps_taken"] == 3 and fused["steps_taken"] == 3 + fused["trace_steps"]  # the trace's steps ran
+    ops = fused["top_ops"]
+    assert ops and all(o["total_ms"] > 0 for o in ops) and sum(o["percent"] for o in ops) <= 100.01
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+    assert json.loads((tmp_path / "suite.json").read_text())["tiny"] is True
+    markdown = (tmp_path / "suite.md").read_text()
+    assert "| jax, fused | 2 |" in markdown and "Train step" in markdown and "Most expensive operations" in markdown
