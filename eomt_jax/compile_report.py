@@ -200,7 +200,8 @@ def compile_and_report(jitted_step, state, batch, report: dict[str, Any] | None 
     if cost and "flops" in cost:
         figures["flops"] = float(cost["flops"])
         lines.append(f"FLOPs per step (XLA estimate, per device): {cost['flops'] / 1e9:.2f} GFLOP")
-    kernels = attention_kernels(compiled)
+    # Only GPU programs have fused-attention kernels; other programs' text is not worth printing (tens of MB).
+    kernels = attention_kernels(compiled) if next(iter(devices)).platform == "gpu" else {}
     if kernels:
         figures["attention_kernels"] = kernels
         lines.append("fused attention: " + ", ".join(f"{n} x {k}" for k, n in kernels.items()))
