@@ -9,6 +9,9 @@ locked, so a misspelt key is an error. A workdir that holds a checkpoint resumes
 Exit codes: 0 done; 1 an error (one line `error: ...` for a run that cannot go on: an invalid config, unusable data,
 a busy workdir, a non-finite loss, no restorable or a non-fitting checkpoint); 130 / 143 stopped by SIGINT /
 SIGTERM after saving its step.
+
+Compiled programs are kept on disk (`eomt_jax.caches`; `EOMT_JAX_COMPILATION_CACHE=off` switches that off), so a
+resumed or repeated run skips most of its compilation.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from eomt_jax import compile_report, config_lib, distributed, evaluation, train
+from eomt_jax import caches, compile_report, config_lib, distributed, evaluation, train
 from eomt_jax.checkpoints import IncompatibleCheckpoint
 from eomt_jax.data import DataError
 from eomt_jax.workdir_lock import WorkdirBusy
@@ -55,6 +58,8 @@ def main(argv):
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_flags(_MODE.value, _TARGET_TOPOLOGY.value)
+    if _MODE.value != "compile":  # the compile report times XLA's compilation: it must compile
+        caches.enable_compilation_cache()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _LOCAL_DEVICE_IDS.value)
     config, workdir = _CONFIG.value, _WORKDIR.value

@@ -1,8 +1,10 @@
 """`python -m eomt_jax.predict`: run a converted checkpoint on your own images.
 
-    python -m eomt_jax.predict --checkpoint checkpoints/coco_panoptic_eomt_large_640 --task panoptic \\
-        --input photos/ street.jpg --output predictions/ [--dataset coco_panoptic] [--gt-json FILE] \\
-        [--batch-size 4] [--dtype bfloat16] [--overwrite]
+    python -m eomt_jax.predict --checkpoint checkpoints/coco_panoptic_eomt_large_640 \\
+        --input photos/ street.jpg --output predictions/ [--task panoptic] [--dataset coco_panoptic] \\
+        [--gt-json FILE] [--batch-size 4] [--dtype bfloat16] [--overwrite]
+
+The loop over `eomt_jax.Segmenter`: the task defaults to the checkpoint's, compiled programs are cached on disk.
 
 For every image: `<stem>_overlay.png` (panoptic colours with class names, instance outlines with scores, or a
 semantic palette) and the standard prediction files:
@@ -19,9 +21,8 @@ Ids, so that `python -m eomt_jax.evaluate` can score the files against an annota
   category ids  with `--gt-json` those of its categories (sorted by id, one per class); else the dataset's own
                 for COCO checkpoints (`--dataset`, else the one stored at conversion); else the class index + 1.
 
-Images are read with their EXIF orientation applied; 16-bit and float images (Pillow modes I;16, I, F) are scaled
-to 8 bits (16-bit: value / 257; float: [0, 1] or [0, 255] as the values fit), other modes converted to RGB
-(alpha dropped). Each image is predicted and written on its own: an image that cannot be read or predicted is
+Images are read as `eomt_jax.inference.images.load_image` reads them (EXIF orientation applied, 16-bit and float
+images scaled to 8 bits). Each image is predicted and written on its own: an image that cannot be read or predicted is
 reported (`error: FILE: reason`) and skipped, and the others are still written. The JSON files are written at the
 end, also when some images failed or the run is interrupted. Every file is written under a temporary name and
 renamed into place. The exit status is 0 when every image was written and 1 otherwise.
@@ -33,18 +34,14 @@ import argparse
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from eomt_jax import pretrained
 from eomt_jax.data import classes
-from eomt_jax.inference.formats import PredictionWriter, plus_one, save_png
-from eomt_jax.inference.forward import make_forward
-from eomt_jax.inference.overlays import overlay
-from eomt_jax.inference.pipeline import predict
+from eomt_jax.inference.formats import TASKS, PredictionWriter, plus_one, save_png
+from eomt_jax.inference.images import first_line, load_image
 from eomt_jax.jsonio import read_json
 from eomt_jax.models.eomt import PRECISIONS
+from eomt_jax.segmenter import Segmentation, Segmenter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Category ids of the datasets whose annotation files use ids of their own (as the data sources write them).
@@ -68,47 +65,6 @@ def find_images(inputs: list[str]) -> list[Path]:
     if dup:
         raise ValueError(f"several input images share the file stem(s) {dup}; outputs are named by stem")
     return files
-
-
-# ----------------------------------------------------------------------------------------- reading images
-
-
-def _gray_to_rgb8(values: np.ndarray, scale: float) -> np.ndarray:
-    gray = np.clip(np.round(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
-
-
-def to_rgb8(im: Image.Image) -> np.ndarray:
-    """A Pillow image as uint8 RGB (H, W, 3), high-bit-depth modes scaled rather than clipped."""
-    if im.mode.startswith("I;16"):
-        return _gray_to_rgb8(np.asarray(im), 255 / 65535)
-    if im.mode == "I":  # 32-bit integers: how Pillow may hold a 16-bit grayscale PNG or TIFF
-        values = np.asarray(im)
-        if values.min() < 0 or values.max() > 65535:
-            raise ValueError(f"32-bit integer pixels in [{values.min()}, {values.max()}]: expected [0, 65535]")
-        return _gray_to_rgb8(values, 255 / 65535)
-    if im.mode == "F":
-        values = np.asarray(im)
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
-            raise ValueError(f"float pixels in [{values.min()}, {values.max()}]: expected [0, 1] or [0, 255]")
-        return _gray_to_rgb8(values, 255.0 if values.max() <= 1 else 1.0)
-    return np.asarray(im.convert("RGB"))
-
-
-def load_image(path: Path) -> np.ndarray:
-    """The image as it is displayed (EXIF orientation applied), uint8 RGB; ValueError naming the file otherwise."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here
-            return to_rgb8(ImageOps.exif_transpose(im))
-    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, this image cannot be read
-        raise ValueError(f"cannot read image ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
 # ----------------------------------------------------------------------------------------------------- ids
@@ -175,12 +131,12 @@ def positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eomt_jax.predict", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted checkpoint directory")
-    p.add_argument("--task", required=True, choices=["panoptic", "instance", "semantic"])
+    p.add_argument("--task", choices=TASKS, help="default: the task stored with the checkpoint")
     p.add_argument("--input", required=True, nargs="+", help="image files and/or folders")
     p.add_argument("--output", required=True,
                    help="output folder (created; an existing one only with --overwrite)")
-    p.add_argument("--dataset", help="class names (and COCO category ids) of this dataset when the checkpoint "
-                                     "carries none")
+    p.add_argument("--dataset", choices=sorted(classes.DATASETS),
+                   help="name the classes (and COCO category ids) after this dataset instead of the checkpoint's")
     p.add_argument("--gt-json", help="COCO annotation file whose image and category ids the predictions use "
                                      "(images matched by file name)")
     p.add_argument("--batch-size", type=positive_int, default=4)
@@ -205,35 +161,26 @@ def _main(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to write into it" if out.is_dir()
                               else f"{out} exists and is not a folder")
     gt = read_json(args.gt_json, ("images", "categories")) if args.gt_json else None
-    model = pretrained.load(args.checkpoint, dtype=args.dtype)
-    meta = pretrained.read_metadata(args.checkpoint)
-    c = model.config.num_classes
-    if args.dataset:
-        names, stuff = classes.dataset_classes(args.dataset)
-    elif "class_names" in meta:
-        names, stuff = list(meta["class_names"]), list(meta.get("stuff_classes", []))
-    else:
-        names, stuff = [f"class {k}" for k in range(c)], []
-    if len(names) != c:
-        raise ValueError(f"{len(names)} class names for a checkpoint with {c} classes")
-    category_id = category_ids(gt, args.gt_json, args.dataset or meta.get("dataset"), c)
+    seg = Segmenter(args.checkpoint, task=args.task, dataset=args.dataset, dtype=args.dtype,
+                    batch_size=args.batch_size)
+    task, names = seg.task, seg.class_names
+    category_id = category_ids(gt, args.gt_json, seg.dataset, len(names))
     ids, failures, how = image_ids(files, gt, args.gt_json)
-    if args.task != "semantic":
+    if task != "semantic":
         print(how)
     for f, reason in failures.items():
         print(f"error: {f}: {reason}")
 
-    writer = PredictionWriter(out, args.task, names, stuff, category_id=category_id)
-    forward = make_forward(model, args.batch_size, masked_attn=False)
+    writer = PredictionWriter(out, task, names, seg.stuff_classes, category_id=category_id)
     todo = [f for f in files if f not in failures]
     try:
         with tqdm(total=len(todo), desc="predict", unit="image") as bar:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start : start + args.batch_size]
-                for path, result in _predict_batch(args.task, forward, model, stuff, batch):
+                for path, result in _predict_batch(seg, batch):
                     bar.update(1)
                     if not isinstance(result, str):
-                        result = _write(args.task, out, writer, names, path, ids[path], *result)
+                        result = _write(out, writer, path, ids[path], result)
                     if result is not None:
                         failures[path] = result
                         tqdm.write(f"error: {path}: {result}")
@@ -248,19 +195,19 @@ def _main(args) -> int:
     return 0
 
 
-def _write(task, out, writer, names, path, image_id, image, pred) -> str | None:
+def _write(out: Path, writer: PredictionWriter, path: Path, image_id: int, result: Segmentation) -> str | None:
     """The image's overlay and prediction files; the reason when they cannot be written."""
     try:
-        save_png(out / f"{path.stem}_overlay.png", overlay(task, image, pred, names))
-        writer.add(path.stem, pred, image_id=image_id, file_name=path.name)
+        save_png(out / f"{path.stem}_overlay.png", result.overlay())
+        writer.add(path.stem, result.prediction, image_id=image_id, file_name=path.name)
     except Exception as e:  # noqa: BLE001 - a file that cannot be written fails this image only
-        return f"cannot write the outputs ({_one_line(e)})"
+        return f"cannot write the outputs ({first_line(e)})"
     return None
 
 
-def _predict_batch(task, forward, model, stuff, paths) -> Iterator[tuple[Path, str | tuple[np.ndarray, object]]]:
-    """(path, (image, prediction)) per image of `paths`, or (path, reason) for an image that failed. A batch that
-    fails is retried image by image, so one impossible image does not take the others with it."""
+def _predict_batch(seg: Segmenter, paths: list[Path]) -> Iterator[tuple[Path, str | Segmentation]]:
+    """(path, result) per image of `paths`, or (path, reason) for an image that failed. A batch that fails is
+    retried image by image, so one impossible image does not take the others with it."""
     loaded = []
     for path in paths:
         try:
@@ -269,25 +216,20 @@ def _predict_batch(task, forward, model, stuff, paths) -> Iterator[tuple[Path, s
             yield path, str(e)
     if not loaded:
         return
-
-    def run(images):
-        return predict(task, forward, images, model.config.image_size, stuff_classes=stuff)
-
     try:
-        preds = run([image for _, image in loaded])
+        results = seg.predict_arrays([image for _, image in loaded])
     except Exception as e:  # noqa: BLE001 - isolated below
         if len(loaded) == 1:
-            yield loaded[0][0], f"cannot predict ({_one_line(e)})"
+            yield loaded[0][0], f"cannot predict ({first_line(e)})"
             return
     else:
-        for (path, image), pred in zip(loaded, preds):
-            yield path, (image, pred)
+        yield from zip([path for path, _ in loaded], results)
         return
     for path, image in loaded:
         try:
-            yield path, (image, run([image])[0])
+            yield path, seg.predict_arrays([image])[0]
         except Exception as e:  # noqa: BLE001 - this image fails, the others go on
-            yield path, f"cannot predict ({_one_line(e)})"
+            yield path, f"cannot predict ({first_line(e)})"
 
 
 if __name__ == "__main__":

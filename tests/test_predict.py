@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from eomt_jax import predict as predict_module
+from eomt_jax import segmenter as segmenter_module
+from eomt_jax.inference import images as images_module
 from eomt_jax.conversion.cli import main as convert_main
 from eomt_jax.data import classes, synthetic
 from eomt_jax.evaluate import main as evaluate_main
@@ -159,14 +161,14 @@ def test_extreme_sizes_are_predicted(checkpoint, tmp_path, task):
 
 def test_a_failing_prediction_spares_the_rest_of_its_batch(checkpoint, tmp_path, monkeypatch, capsys):
     ckpt, images = checkpoint
-    real = predict_module.predict
+    real = segmenter_module.predict
 
     def runs_out_of_memory_on_the_tall_image(task, forward, batch, *args, **kwargs):
         if any(image.shape[:2] == (70, 40) for image in batch):
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 20 GB\n(details)")
         return real(task, forward, batch, *args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict", runs_out_of_memory_on_the_tall_image)
+    monkeypatch.setattr(segmenter_module, "predict", runs_out_of_memory_on_the_tall_image)
     out = tmp_path / "out"
     assert predict_main(_args(ckpt, "semantic", [images], out, "--batch-size", "3")) == 1
     printed = capsys.readouterr().out
@@ -178,7 +180,7 @@ def test_a_failing_prediction_spares_the_rest_of_its_batch(checkpoint, tmp_path,
 
 def test_finished_images_survive_an_interruption(checkpoint, tmp_path, monkeypatch):
     ckpt, images = checkpoint
-    real, calls = predict_module.predict, []
+    real, calls = segmenter_module.predict, []
 
     def interrupted_at_the_second_batch(*args, **kwargs):
         calls.append(1)
@@ -186,7 +188,7 @@ def test_finished_images_survive_an_interruption(checkpoint, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict", interrupted_at_the_second_batch)
+    monkeypatch.setattr(segmenter_module, "predict", interrupted_at_the_second_batch)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         predict_main(_args(ckpt, "panoptic", [images], out, "--batch-size", "1"))
@@ -204,7 +206,7 @@ def test_exif_orientation_is_applied(checkpoint, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise for display
     Image.fromarray(stored).save(folder / "phone.jpg", exif=exif, quality=95)
-    image = predict_module.load_image(folder / "phone.jpg")
+    image = images_module.load_image(folder / "phone.jpg")
     assert image.shape == (64, 40, 3)
     assert image[:28, :, 0].mean() > 200 and image[36:, :, 0].mean() < 50  # red on top
     out = tmp_path / "out"
@@ -222,13 +224,13 @@ def test_16_bit_png_is_scaled_not_clipped(checkpoint, tmp_path, monkeypatch):
     values = (np.arange(48 * 64, dtype=np.int64) * 65535 // (48 * 64 - 1)).astype(np.uint16).reshape(48, 64)
     Image.fromarray(values).save(folder / "depth.png")
     assert Image.open(folder / "depth.png").mode == "I;16"
-    real, fed = predict_module.predict, []
+    real, fed = segmenter_module.predict, []
 
     def spy(task, forward, images, *args, **kwargs):
         fed.extend(images)
         return real(task, forward, images, *args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict", spy)
+    monkeypatch.setattr(segmenter_module, "predict", spy)
     assert predict_main(_args(ckpt, "panoptic", [folder], tmp_path / "out")) == 0
     (image,) = fed
     assert image.dtype == np.uint8 and image.shape == (48, 64, 3)
@@ -250,7 +252,7 @@ def test_other_modes_become_rgb_with_their_scale(mode):
     else:
         im, want = Image.fromarray(gray, "L").convert(mode), gray
     assert im.mode == mode
-    out = predict_module.to_rgb8(im)
+    out = images_module.to_rgb8(im)
     assert out.dtype == np.uint8 and out.shape == (6, 7, 3)
     # CMYK -> RGB and the palette round trip may be off by one level; the others are exact.
     np.testing.assert_allclose(out.astype(int), np.repeat(want[..., None], 3, -1), atol=1 if mode == "CMYK" else 0)
@@ -259,7 +261,7 @@ def test_other_modes_become_rgb_with_their_scale(mode):
 def test_float_images_outside_a_known_range_are_refused(tmp_path, capsys):
     Image.fromarray(np.full((4, 4), 7e5, np.float32), "F").save(tmp_path / "f.tif")
     with pytest.raises(ValueError, match=r"cannot read image \(float pixels in \[700000.0, 700000.0\]"):
-        predict_module.load_image(tmp_path / "f.tif")
+        images_module.load_image(tmp_path / "f.tif")
 
 
 # ----------------------------------------------------------------------------------- predict -> evaluate

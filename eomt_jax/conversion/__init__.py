@@ -27,8 +27,9 @@ from `overrides`, a Hugging Face config.json, or the zoo name in the source's pa
 
 The steps, one module each: reading (files -> numpy), formats (source names -> official names), dinov3 (the DINOv3
 forms' names and the zoo's delta files), architecture (official weights -> EoMTConfig), flax_layout (official
-names -> Flax paths), resample (patch kernels), backbone_init (a backbone + fresh head); the output format belongs
-to `eomt_jax.pretrained`; the command line (`convert/torch_to_flax.py`) is `cli.main`.
+names -> Flax paths), resample (patch kernels), backbone_init (a backbone + fresh head), settings (the task and
+class names stored beside the weights); the output format belongs to `eomt_jax.pretrained`; the command line
+(`convert/torch_to_flax.py`) is `cli.main`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from eomt_jax.conversion.formats import (
 )
 from eomt_jax.conversion.reading import read_state_dict
 from eomt_jax.conversion.resample import resample_patch_kernel
+from eomt_jax.conversion.settings import task_metadata
 from eomt_jax.models.eomt import EoMTConfig
 
 __all__ = [
@@ -73,10 +75,14 @@ def convert(
     overwrite: bool = False,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
+    task: str | None = None,
+    dataset: str | None = None,
 ) -> tuple[Path, EoMTConfig]:
     """Convert `src` into an Orbax checkpoint directory `dst`; returns (dst, model config).
 
     `base`: the DINOv3 backbone that a zoo DINOv3 file (`*_dinov3/pytorch_model.bin`) is a difference from.
+    `task` and `dataset` (its class names) are stored with the weights; each defaults to what a model-zoo name in
+    `src` says (`settings.task_metadata`). `metadata` adds further entries.
     """
     check_destination(dst, overwrite=overwrite)  # before reading what may be gigabytes
     sd, hf_config = read_state_dict(src)
@@ -97,6 +103,7 @@ def convert(
             sd = hf_eomt_to_official(sd)
         config = infer_config(sd, hf_config, overrides)
         flat = official_to_flat(sd, expected_shapes(config), source_names(fmt))
+    meta.update(task_metadata(src, config.num_classes, task=task, dataset=dataset))
     out = pretrained.write(dst, flat, config, metadata={**meta, **(metadata or {})}, dtype=dtype,
                            overwrite=overwrite, source_pos_embed=native_pos)
     return out, config

@@ -1,7 +1,7 @@
 """The converter's command line, run as `python convert/torch_to_flax.py --src ... --dst ...` (see that file).
 
-`main(argv)` parses the flags, converts, prints `wrote DST: CONFIG` and returns 0, or prints `error: ...` and
-returns 1 when the source, the destination or the flags are unusable.
+`main(argv)` parses the flags, converts, prints `wrote DST: CONFIG` and the task and classes stored, and returns 0,
+or prints `error: ...` and returns 1 when the source, the destination or the flags are unusable.
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import shutil
 import sys
 from typing import Any
 
 from eomt_jax.config_lib import load_config_file
 from eomt_jax.conversion import ConversionError, convert
 from eomt_jax.conversion.reading import resolve_src
-from eomt_jax.data.classes import dataset_classes
+from eomt_jax.data.classes import DATASETS
+from eomt_jax.inference.formats import TASKS
 from eomt_jax.models.eomt import EoMTConfig
+from eomt_jax.pretrained import read_metadata
 
 
 def _model_overrides(config_spec: str | None, sets: list[str]) -> dict[str, Any]:
@@ -61,26 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored weight dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     parser.add_argument("--seed", type=int, default=0, help="init seed of a fresh head (backbone sources)")
-    parser.add_argument("--dataset", help="store this dataset's class names with the weights (e.g. coco_panoptic)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS),
+                        help="store this dataset's class names with the weights (default: the dataset of a model-zoo "
+                             "name in --src, e.g. coco_panoptic_eomt_large_640)")
+    parser.add_argument("--task", choices=list(TASKS),
+                        help="the task predictions default to (default: the dataset's, e.g. panoptic for "
+                             "coco_panoptic)")
     args = parser.parse_args(argv)
     try:
         overrides = _model_overrides(args.config, args.set)
-        metadata = {}
-        if args.dataset:
-            names, stuff = dataset_classes(args.dataset)
-            metadata = {"dataset": args.dataset, "class_names": names, "stuff_classes": stuff}
         base = resolve_src(args.base) if args.base else None
         out, config = convert(
             resolve_src(args.src), args.dst, base=base, overrides=overrides, dtype=args.dtype,
-            overwrite=args.overwrite, seed=args.seed, metadata=metadata,
+            overwrite=args.overwrite, seed=args.seed, task=args.task, dataset=args.dataset,
         )
-        if metadata and len(metadata["class_names"]) != config.num_classes:
-            shutil.rmtree(out)
-            raise ConversionError(
-                f"--dataset {args.dataset} has {len(metadata['class_names'])} classes, the weights {config.num_classes}"
-            )
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}: {config}")
+    meta = read_metadata(out)
+    print(f"task: {meta.get('task', 'not stored (pass --task to predict)')}; classes: "
+          + (f"{meta['dataset']} ({len(meta['class_names'])} names)" if "class_names" in meta
+             else "not named (pass --dataset to store names)"))
     return 0

@@ -91,16 +91,19 @@ assert sorted(ADE20K_INSTANCE_TO_LABEL + ADE20K_PANOPTIC_STUFF) == list(range(15
 assert len(CITYSCAPES_NAMES) == 19
 
 
+# The dataset settings of the original's configs: (class names, stuff class indices).
+DATASETS = {
+    "coco_panoptic": (COCO_PANOPTIC_NAMES, COCO_PANOPTIC_STUFF),
+    "coco_instance": (COCO_THING_NAMES, ()),
+    "ade20k_panoptic": (ADE20K_NAMES, ADE20K_PANOPTIC_STUFF),
+    "ade20k_semantic": (ADE20K_NAMES, tuple(range(150))),
+    "cityscapes_semantic": (CITYSCAPES_NAMES, tuple(range(19))),
+}
+
+
 def dataset_classes(name: str) -> tuple[list[str], list[int]]:
     """(class names, stuff labels) of a dataset setting, as stored with converted weights (`--dataset`)."""
-    table = {
-        "coco_panoptic": (COCO_PANOPTIC_NAMES, COCO_PANOPTIC_STUFF),
-        "coco_instance": (COCO_THING_NAMES, ()),
-        "ade20k_panoptic": (ADE20K_NAMES, ADE20K_PANOPTIC_STUFF),
-        "ade20k_semantic": (ADE20K_NAMES, tuple(range(150))),
-        "cityscapes_semantic": (CITYSCAPES_NAMES, tuple(range(19))),
-    }
-    if name not in table:
-        raise ValueError(f"--dataset must be one of {sorted(table)}, got {name!r}")
-    names, stuff = table[name]
+    if name not in DATASETS:
+        raise ValueError(f"--dataset must be one of {sorted(DATASETS)}, got {name!r}")
+    names, stuff = DATASETS[name]
     return list(names), list(stuff)

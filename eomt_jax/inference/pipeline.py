@@ -56,17 +56,22 @@ def _letterbox(images, size):
 def predict_panoptic(forward_fn: ForwardFn, images: Sequence[np.ndarray], image_size, *,
                      stuff_classes: Sequence[int], score_threshold: float = postprocess.SCORE_THRESHOLD,
                      overlap_threshold: float = postprocess.OVERLAP_THRESHOLD, canvas_multiple: int = 128,
-                     all_outputs: bool = False):
-    """Per image an (H, W, 2) int32 array: category (C = unassigned) and segment id (-1 = unassigned)."""
+                     all_outputs: bool = False, with_scores: bool = False):
+    """Per image an (H, W, 2) int32 array: category (C = unassigned) and segment id (-1 = unassigned, else 0, 1,
+    ...). With `with_scores`, per image a pair (that array, (Q,) float32 segment scores indexed by segment id;
+    see `postprocess.panoptic_postprocess`)."""
     size = _square(image_size)
     padded, resized, orig = _letterbox(images, size)
     canvas = postprocess.canvas_for(orig, canvas_multiple)
     results = []
     for mask_logits, class_logits in _forward(forward_fn, padded, all_outputs):
-        out = np.asarray(postprocess.panoptic_postprocess(
+        out = postprocess.panoptic_postprocess(
             mask_logits, class_logits, resized, orig, image_size=size, canvas_hw=canvas,
-            stuff_classes=stuff_classes, score_threshold=score_threshold, overlap_threshold=overlap_threshold))
-        results.append([out[i, :h, :w] for i, (h, w) in enumerate(orig)])
+            stuff_classes=stuff_classes, score_threshold=score_threshold, overlap_threshold=overlap_threshold,
+            with_scores=with_scores)
+        pan, scores = (np.asarray(out[0]), np.asarray(out[1])) if with_scores else (np.asarray(out), None)
+        crops = [pan[i, :h, :w] for i, (h, w) in enumerate(orig)]
+        results.append(list(zip(crops, scores)) if with_scores else crops)
     return results if all_outputs else results[0]
 
 
@@ -134,13 +139,13 @@ def predict_semantic(forward_fn: ForwardFn, images: Sequence[np.ndarray], image_
 def predict(task: str, forward_fn: ForwardFn, images: Sequence[np.ndarray], image_size, *,
             stuff_classes: Sequence[int] = (), score_threshold: float = postprocess.SCORE_THRESHOLD,
             overlap_threshold: float = postprocess.OVERLAP_THRESHOLD, top_k: int = postprocess.TOP_K,
-            all_outputs: bool = False):
+            all_outputs: bool = False, with_scores: bool = False):
     """`predict_panoptic`, `predict_instance` or `predict_semantic`, chosen by `task`, with the settings that
-    apply to it (the thresholds to panoptic, `top_k` to instance)."""
+    apply to it (the thresholds and `with_scores` to panoptic, `top_k` to instance)."""
     if task == "panoptic":
         return predict_panoptic(forward_fn, images, image_size, stuff_classes=stuff_classes,
                                 score_threshold=score_threshold, overlap_threshold=overlap_threshold,
-                                all_outputs=all_outputs)
+                                all_outputs=all_outputs, with_scores=with_scores)
     if task == "instance":
         return predict_instance(forward_fn, images, image_size, top_k=top_k, all_outputs=all_outputs)
     if task == "semantic":

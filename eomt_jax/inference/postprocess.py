@@ -200,6 +200,15 @@ def _paint(owner, covered, valid, accepted, classes, segment, num_c):
     return jnp.stack([category, segment_id], axis=-1).astype(jnp.int32)
 
 
+def _segment_scores(scores, accepted, segment):
+    """(Q,) float32: at index k the class probability of the query that opened segment k (the first query
+    painting it; a stuff segment's later queries only join it), 0 where there is no segment k."""
+    num_q = scores.shape[0]
+    queries = jnp.arange(num_q, dtype=jnp.int32)
+    first = jnp.full(num_q, num_q, jnp.int32).at[jnp.where(accepted, segment, num_q)].min(queries, mode="drop")
+    return jnp.where(first < num_q, scores[jnp.minimum(first, num_q - 1)], 0.0)
+
+
 def panoptic_merge(mask_logits, class_logits, valid, *, is_stuff, score_threshold=SCORE_THRESHOLD,
                    overlap_threshold=OVERLAP_THRESHOLD):
     """MaskFormer-style merge of one image: (Q, H, W) logits, (Q, C+1) class logits -> (H, W, 2) int32.
@@ -222,21 +231,24 @@ def panoptic_merge(mask_logits, class_logits, valid, *, is_stuff, score_threshol
 
 def panoptic_postprocess(mask_logits, class_logits, resized_hw, orig_hw, *, image_size, canvas_hw,
                          stuff_classes: Sequence[int], score_threshold=SCORE_THRESHOLD,
-                         overlap_threshold=OVERLAP_THRESHOLD, band_rows: int | None = None):
+                         overlap_threshold=OVERLAP_THRESHOLD, band_rows: int | None = None,
+                         with_scores: bool = False):
     """Per-pixel panoptic predictions of a batch: (B, *canvas_hw, 2) int32 (category, segment id).
 
     `stuff_classes`: the class indices whose segments merge into one per class (COCO: 80..132).
+    With `with_scores`, also the segments' scores, (B, Q) float32: [b, k] is the class probability of the query
+    that opened segment k of image b (0 where image b has no segment k).
     """
     return _panoptic_postprocess(mask_logits, class_logits, resized_hw, orig_hw, image_size=image_size,
                                  canvas_hw=tuple(canvas_hw), stuff_classes=tuple(int(c) for c in stuff_classes),
                                  score_threshold=float(score_threshold), overlap_threshold=float(overlap_threshold),
-                                 band_rows=band_rows)
+                                 band_rows=band_rows, with_scores=bool(with_scores))
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "canvas_hw", "stuff_classes", "score_threshold",
-                                             "overlap_threshold", "band_rows"))
+                                             "overlap_threshold", "band_rows", "with_scores"))
 def _panoptic_postprocess(mask_logits, class_logits, resized_hw, orig_hw, *, image_size, canvas_hw,
-                          stuff_classes, score_threshold, overlap_threshold, band_rows):
+                          stuff_classes, score_threshold, overlap_threshold, band_rows, with_scores):
     image_size = _image_size(image_size)
     _check(mask_logits, class_logits, resized_hw, orig_hw, image_size, canvas_hw)
     num_q, num_c = class_logits.shape[1], class_logits.shape[-1] - 1
@@ -260,7 +272,8 @@ def _panoptic_postprocess(mask_logits, class_logits, resized_hw, orig_hw, *, ima
         owner = bands.crop(owner.reshape(bands.height, canvas_hw[1]))
         covered = bands.crop(covered.reshape(bands.height, canvas_hw[1]))
         accepted, segment = _segments(classes, keep, areas, jnp.asarray(stuff), ratio)
-        return _paint(owner, covered, _valid(ohw, canvas_hw), accepted, classes, segment, num_c)
+        painted = _paint(owner, covered, _valid(ohw, canvas_hw), accepted, classes, segment, num_c)
+        return (painted, _segment_scores(scores, accepted, segment)) if with_scores else painted
 
     return _per_image(one, mask_logits, class_logits, jnp.asarray(resized_hw, jnp.int32),
                       jnp.asarray(orig_hw, jnp.int32))

@@ -43,16 +43,18 @@ def revert(mask_logits: np.ndarray, size: int, resized_hw, orig_hw) -> np.ndarra
     return interpolate(up[:, :resized_hw[0], :resized_hw[1]], orig_hw)
 
 
-def panoptic(mask_logits, class_logits, stuff, score_thr=0.8, overlap_thr=0.8) -> np.ndarray:
-    """(Q, H, W) logits at original size, (Q, C+1) -> (H, W, 2) with a loop over kept queries in order."""
+def panoptic(mask_logits, class_logits, stuff, score_thr=0.8, overlap_thr=0.8, with_scores=False):
+    """(Q, H, W) logits at original size, (Q, C+1) -> (H, W, 2) with a loop over kept queries in order; with
+    `with_scores` also the list of segment scores by segment id (the score of the query that opened each)."""
     num_c = class_logits.shape[-1] - 1
     probs = softmax(class_logits)
     scores, classes = probs.max(-1), probs.argmax(-1)
     out = np.empty(mask_logits.shape[1:] + (2,), np.int64)
     out[..., 0], out[..., 1] = num_c, -1
     kept = [k for k in range(len(scores)) if classes[k] != num_c and scores[k] > np.float32(score_thr)]
+    segment_scores = []
     if not kept:
-        return out
+        return (out, segment_scores) if with_scores else out
     masks = sigmoid(mask_logits[kept])
     owner = np.argmax(scores[kept][:, None, None] * masks, axis=0)
     stuff_ids, next_id = {}, 0
@@ -69,10 +71,11 @@ def panoptic(mask_logits, class_logits, stuff, score_thr=0.8, overlap_thr=0.8) -
         else:
             seg = next_id
             next_id += 1
+            segment_scores.append(float(scores[k]))
             if c in stuff:
                 stuff_ids[c] = seg
         out[final, 0], out[final, 1] = c, seg
-    return out
+    return (out, segment_scores) if with_scores else out
 
 
 def instance(mask_logits, class_logits, top_k=100):

@@ -181,6 +181,15 @@ def test_predict_panoptic_end_to_end():
     last = pipeline.predict_panoptic(forward, images, size, stuff_classes=list(STUFF))  # a list is fine too
     for a, b in zip(last, outs[-1]):
         np.testing.assert_array_equal(a, b)
+    # Segment scores: the class probability of the query that opened each segment, indexed by segment id.
+    scored = pipeline.predict_panoptic(forward, images, size, stuff_classes=STUFF, with_scores=True)
+    for b, ((pan, scores), image) in enumerate(zip(scored, images)):
+        np.testing.assert_array_equal(pan, last[b])
+        resized = reference.letterbox(image, size)[1]
+        logits = reference.revert(mask_list[-1][b], size, resized, image.shape[:2])
+        _, want = reference.panoptic(logits, class_list[-1][b], STUFF, with_scores=True)
+        assert scores.shape == (q,) and np.all(scores[len(want):] == 0)
+        np.testing.assert_allclose(scores[:len(want)], want, rtol=1e-6)
 
 
 def test_postprocess_rejects_bad_stuff_classes():
