@@ -1,4 +1,5 @@
-"""Training a DINOv3 EoMT from a converted DINOv3 backbone, with a DINOv3 zoo config's recipe."""
+"""Training a DINOv3 EoMT from a converted DINOv3 backbone, with a DINOv3 zoo config's recipe, and validating it
+during training."""
 
 import json
 
@@ -30,8 +31,12 @@ def test_train_from_a_converted_dinov3_backbone(tmp_path):
     np.testing.assert_allclose(np.asarray(converted.backbone.cls_token[...]),
                                backbone.embeddings.cls_token.detach().numpy(), rtol=0, atol=0)
 
-    config.init_from = str(tmp_path / "init")  # (evaluating a DINOv3 run: tests/test_train.py)
-    assert train.run(config, tmp_path / "w", "train")["step"] == config.total_steps
+    config.init_from = str(tmp_path / "init")
+    config.eval.masked_attn = True  # validation as during training: one result per prediction point
+    result = train.run(config, tmp_path / "w", "train_and_eval")
+    assert result["step"] == config.total_steps == config.eval_every_steps
+    assert result["PQ"] is not None and 0.0 <= result["PQ"] <= 100.0 and "PQ_block_-1" in result
     rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/loss"] for r in rows]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == config.total_steps and all(np.isfinite(losses))
+    assert list((tmp_path / "w" / f"overlays_{config.total_steps}").glob("*.png"))

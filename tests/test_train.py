@@ -40,7 +40,8 @@ def test_sharded_step_equals_single_device_and_compiles_once():
         step = make_train_step(graphdef, tx, step_cfg, mesh=mesh)
         sh = state_shardings(jax.eval_shape(lambda: devices_state), mesh, min_size=1024)
         bsh = batch_sharding(mesh)
-        fn = jax.jit(step, in_shardings=(sh, {k: bsh for k in batches[0]}), out_shardings=(sh, NamedSharding(mesh, P())))
+        fn = jax.jit(step, in_shardings=(sh, {k: bsh for k in batches[0]}),
+                     out_shardings=(sh, NamedSharding(mesh, P())))
         s = jax.device_put(devices_state, sh)
         losses = []
         for b in batches:
@@ -61,15 +62,47 @@ def _run(config, workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_interrupted_and_resumed_run_is_bit_exact(tmp_path):
+def _four_step_config(data: Path):
+    """coco_panoptic_large's smoke run for 4 steps, masked attention annealed over steps 0 to 4, a checkpoint at
+    the end only, validation with masked attention at steps 2 and 4."""
     config = runlocal_config("coco_panoptic_large")
     config.total_steps = 4
     config.log_every_steps = 1
     config.checkpoint_every_steps = 100
-    config.eval_every_steps = 100
-    data = tmp_path / "data"
+    config.eval_every_steps = 2
+    config.eval.masked_attn = True  # as during training: the network as it is at that step
+    config.anneal.starts, config.anneal.ends = (0,), (4,)
     config.data.root = str(data)
-    straight = _run(config, tmp_path / "a")
+    return config
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """One uninterrupted 4-step train_and_eval run: (config, workdir, metrics rows, (step, attn_mask_probs) of
+    each validation), for the resume, masked-validation and rescoring tests."""
+    tmp = tmp_path_factory.mktemp("four_steps")
+    config = _four_step_config(tmp / "data")
+    seen = []
+    evaluate = train.evaluate
+
+    def recorded(config, model, root, workdir, step=None):
+        seen.append((step, np.asarray(model.attn_mask_probs[...])))
+        return evaluate(config, model, root, workdir, step=step)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "evaluate", recorded)
+        train.run(config, tmp / "w", "train_and_eval")
+    rows = [json.loads(line) for line in (tmp / "w" / "metrics.jsonl").read_text().splitlines()]
+    return config, tmp / "w", rows, seen
+
+
+def test_interrupted_and_resumed_run_is_bit_exact(four_steps, tmp_path):
+    """Stopped after 2 steps (max_steps_per_run) and resumed, a run logs the uninterrupted run's losses exactly
+    (validation in between, as in the uninterrupted run, must not change training either)."""
+    config, _, rows, _ = four_steps
+    straight = [m for m in rows if "train/loss" in m]
+    assert [m["step"] for m in straight] == [1, 2, 3, 4]
+    config = config.copy_and_resolve_references()
     config.max_steps_per_run = 2
     first = _run(config, tmp_path / "b")
     assert [m["step"] for m in first] == [1, 2]
@@ -148,23 +181,25 @@ def test_fine_tune_on_other_classes_keeps_the_backbone_and_skips_the_class_head(
     assert result["step"] == config.total_steps
 
 
-def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
+def test_saved_eval_predictions_rescore_to_the_same_pq(four_steps, tmp_path):
     """--mode=eval with save_predictions: `eomt_jax.evaluate` on the written files gives the loop's PQ."""
+    import shutil
     import zipfile
 
     from eomt_jax.evaluation.scoring import score_panoptic
 
-    config = runlocal_config("coco_panoptic_large")
+    config, trained, _, _ = four_steps
+    shutil.copytree(trained, tmp_path / "w")  # the 4-step run's checkpoint; its data stays where it is
+    config = config.copy_and_resolve_references()
+    config.eval.masked_attn = False  # --mode=eval's default
     config.eval.max_images = 0
     config.eval.save_predictions = True
     config.eval.mask_thresh = 0.0  # keep every query of the barely trained model, so the files hold segments
-    config.total_steps = 1
-    train.run(config, tmp_path, "train")
-    results = evaluation.run(config, tmp_path)
-    with zipfile.ZipFile(tmp_path / "data" / "panoptic_annotations_trainval2017.zip") as z:
+    results = evaluation.run(config, tmp_path / "w")
+    with zipfile.ZipFile(Path(config.data.root) / "panoptic_annotations_trainval2017.zip") as z:
         z.extract("annotations/panoptic_val2017.json", tmp_path)
         z.extract("annotations/panoptic_val2017.zip", tmp_path)
-    preds = tmp_path / "predictions_1"
+    preds = tmp_path / "w" / f"predictions_{config.total_steps}"
     rescored, per_class = score_panoptic(str(tmp_path / "annotations" / "panoptic_val2017.json"),
                                     str(tmp_path / "annotations" / "panoptic_val2017.zip"),
                                     str(preds / "panoptic.json"), str(preds / "panoptic"))
@@ -174,9 +209,10 @@ def test_saved_eval_predictions_rescore_to_the_same_pq(tmp_path):
 
 
 @pytest.mark.parametrize("name,keys", [("ade20k_semantic_large", {"mIoU", "pixel_accuracy"}),
-                                       ("coco_instance_large", {"AP", "AP50", "AP75", "APs", "APm", "APl"}),
-                                       ("dinov3_ade20k_semantic_large", {"mIoU", "pixel_accuracy"})])
+                                       ("coco_instance_large", {"AP", "AP50", "AP75", "APs", "APm", "APl"})])
 def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
+    """Semantic and instance training with validation (panoptic: the tests above; a DINOv3 backbone:
+    tests/test_dinov3_training.py)."""
     config = runlocal_config(name)
     config.total_steps = 1
     config.eval_every_steps = 1
@@ -191,17 +227,13 @@ def test_train_and_eval_for_the_other_tasks(name, keys, tmp_path):
     assert (tmp_path / "eval_metrics_1.json").exists() and list((tmp_path / "overlays_1").glob("*.png"))
 
 
-def test_masked_validation_sees_the_network_as_it_is_at_that_step(tmp_path, monkeypatch):
+def test_masked_validation_sees_the_network_as_it_is_at_that_step(four_steps):
     """eval.masked_attn=True validates as the original does during training: masked attention with the annealed
-    probabilities of that step (here 0.5 ** 0.9 after one of two annealing steps), not a fresh all-ones buffer."""
-    config = runlocal_config("coco_panoptic_large")
-    config.total_steps = 1
-    config.eval_every_steps = 1
-    config.eval.masked_attn = True
-    seen = []
-    monkeypatch.setattr(train, "evaluate", lambda config, model, root, workdir, step=None: seen.append(
-        (step, np.asarray(model.attn_mask_probs[...]))) or {})
-    train.run(config, tmp_path, "train_and_eval")
-    (step, probs), = seen
-    assert step == 1
-    np.testing.assert_allclose(probs, [0.5**0.9], rtol=1e-6)
+    probabilities of that step (here 0.5 ** 0.9 after two of four annealing steps, 0 at the end), not a fresh
+    all-ones buffer."""
+    config, workdir, rows, seen = four_steps
+    assert [step for step, _ in seen] == [2, 4]
+    np.testing.assert_allclose(seen[0][1], [0.5**0.9], rtol=1e-6)
+    np.testing.assert_array_equal(seen[1][1], [0.0])
+    evaluated = [m["step"] for m in rows if "eval/PQ" in m]
+    assert evaluated == [2, 4] and (workdir / "eval_metrics_2.json").exists()
