@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 import eomt_jax
+from eomt_jax import caches
 from eomt_jax.models import EoMT, EoMTConfig, preset
 
 ZOO = [
@@ -43,6 +44,8 @@ def main() -> None:
     print(f"eomt_jax {eomt_jax.__version__} | jax {jax.__version__} | flax {flax.__version__} | "
           f"optax {optax.__version__} | orbax {orbax.checkpoint.__version__}")
     print(f"devices: {jax.devices()}")
+    print(f"cache: {caches.cache_root()} (compiled programs in xla/, checkpoints converted from hub ids in "
+          f"checkpoints/; {caches.SWITCH}=off keeps no compiled programs)")
     print(f"{'architecture':<28} {'params':>15}")
     for name, size, classes, queries, image in ZOO:
         cfg = preset(size, num_classes=classes, num_queries=queries, image_size=image)

@@ -5,6 +5,7 @@ of the PyTorch EoMT).
     python -m eomt_jax.benchmark --config configs/coco_panoptic_large.py --dtype bfloat16 --batch-size 8
     python -m eomt_jax.benchmark --mode=train --config configs/coco_panoptic_large.py --batch-size 16 --compare-torch
     python -m eomt_jax.benchmark --suite gpu --out DIR      # everything below, JSON + Markdown (see SUITE)
+    python -m eomt_jax.benchmark --suite startup --out DIR  # `predict` on one photo: first and second run
 
 Prints images/s, ms per step (median and p90 over the timed steps, after warm-up, each step synchronised with
 `block_until_ready`), compile time, peak device memory where the backend reports it, and the achieved TFLOP/s
@@ -26,10 +27,12 @@ and Hungarian matcher, AdamW with the config's settings and gradient clipping, a
 `--dtype bfloat16`; its initialisation is its own (the cost of a step does not depend on the weights).
 
 --suite gpu runs a fixed set of both modes and of the PyTorch comparisons within 8 minutes on one GPU (`SUITE`).
+--suite startup times `python -m eomt_jax.predict` on one photo from launch to exit, with an empty compilation cache
+and again with the one the first run filled (`eomt_jax.startup_timing`).
 
-With --compare-torch (and --suite), JAX does not preallocate device memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so
-that PyTorch, which runs second in the same process, gets what JAX's pool has not taken: compare at a batch that fits
-twice.
+With --compare-torch (and --suite gpu), JAX does not preallocate device memory (XLA_PYTHON_CLIENT_PREALLOCATE=false
+unless set), so that PyTorch, which runs second in the same process, gets what JAX's pool has not taken: compare at
+a batch that fits twice.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from eomt_jax import config_lib, timing, torch_reference
+from eomt_jax import config_lib, startup_timing, timing, torch_reference
 from eomt_jax import mesh as mesh_lib
 from eomt_jax.models.eomt import PRECISIONS, EoMTConfig, preset
 
@@ -121,8 +124,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true", help="time eager PyTorch only")
-    p.add_argument("--suite", choices=["gpu"], help="run a whole benchmark suite (see SUITE) and write its report")
-    p.add_argument("--out", help="--suite: the folder for suite.json, suite.md and the profiler trace")
+    p.add_argument("--suite", choices=["gpu", "startup"],
+                   help="gpu: a whole benchmark suite (see SUITE) and its report; startup: the time to the first "
+                        "result of `predict` on one photo, empty and filled compilation cache (startup_timing.py)")
+    p.add_argument("--startup-sizes", default="S,L", help="--suite startup: the models timed (default: S,L)")
+    p.add_argument("--out", help="--suite: the folder for the report (gpu: suite.json, suite.md, the profiler trace; "
+                                 "startup: startup.json, startup.md, the checkpoints)")
     p.add_argument("--tiny", action="store_true", help="--suite: the same code path at tiny sizes (any device)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="--suite: parts that would end later than this many seconds after the start are skipped "
@@ -133,6 +140,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.suite:
         if not args.out:
             p.error("--suite needs --out DIR")
+        if args.suite == "startup":
+            sizes = tuple(args.startup_sizes.split(","))
+            if not set(sizes) <= {"S", "B", "L", "g"}:
+                p.error(f"--startup-sizes: expected sizes among S, B, L, g, got {args.startup_sizes!r}")
+            report = startup_timing.run(args.out, sizes=sizes, image_size=args.image_size or 640,
+                                        tiny=args.tiny, photo_hw=(48, 64) if args.tiny else (480, 640))
+            print(startup_timing.markdown(report))
+            return report
         # PyTorch runs in the same process after JAX: JAX must not take the device memory up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         return suite_main(args)
@@ -217,12 +232,13 @@ def _add_torch(report: dict[str, Any], t: dict[str, Any], details: str) -> None:
 # -- the GPU suite -------------------------------------------------------------------------------------------------
 
 SUITE = """--suite gpu: EoMT-L 640 on one accelerator, in this order, each part skipped (and named) when it would end
-after --budget-s (7 minutes: the suite fits in 8 from a cold start): inference in bf16 at batch 1 and 8, plain and fused attention, the network alone and with the panoptic
-post-processing; the train step of configs/coco_panoptic_large.py at 4 images per device with its own precision
-policy, plain and fused attention, with MFU, and a jax.profiler trace of 3 steps with the operations that took
-the most time; the transformers EoMT (torch.compile where it works) on the same inputs: inference and its
-training step. Writes suite.json, suite.md (tables for the README) and trace/ into --out. --tiny runs the same
-parts at tiny sizes (any device, CPUs included; PyTorch eager)."""
+after --budget-s (7 minutes: the suite fits in 8 from a cold start): inference in bf16 at batch 1 and 8, plain and
+fused attention, the network alone and with the panoptic post-processing; the train step of
+configs/coco_panoptic_large.py at 4 images per device with its own precision policy, plain and fused attention,
+with MFU, and a jax.profiler trace of 3 steps with the operations that took the most time; the transformers EoMT
+(torch.compile where it works) on the same inputs: inference and its training step. Writes suite.json, suite.md
+(tables for the README) and trace/ into --out. --tiny runs the same parts at tiny sizes (any device, CPUs
+included; PyTorch eager)."""
 
 # Tiny sizes of --suite --tiny: every part of the suite, in seconds on a CPU.
 TINY_MODEL = dict(embed_dim=64, depth=3, num_heads=2, mlp_hidden=128, num_blocks=2, num_queries=5,

@@ -161,8 +161,9 @@ def _main(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to write into it" if out.is_dir()
                               else f"{out} exists and is not a folder")
     gt = read_json(args.gt_json, ("images", "categories")) if args.gt_json else None
-    seg = Segmenter(args.checkpoint, task=args.task, dataset=args.dataset, dtype=args.dtype,
-                    batch_size=args.batch_size)
+    # Fewer images than --batch-size: a smaller batch, not padding that would be computed for nothing.
+    batch_size = min(args.batch_size, len(files))
+    seg = Segmenter(args.checkpoint, task=args.task, dataset=args.dataset, dtype=args.dtype, batch_size=batch_size)
     task, names = seg.task, seg.class_names
     category_id = category_ids(gt, args.gt_json, seg.dataset, len(names))
     ids, failures, how = image_ids(files, gt, args.gt_json)
@@ -175,8 +176,8 @@ def _main(args) -> int:
     todo = [f for f in files if f not in failures]
     try:
         with tqdm(total=len(todo), desc="predict", unit="image") as bar:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start : start + args.batch_size]
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
                 for path, result in _predict_batch(seg, batch):
                     bar.update(1)
                     if not isinstance(result, str):

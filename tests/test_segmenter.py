@@ -268,3 +268,15 @@ def test_a_second_process_compiles_nothing(checkpoints, tmp_path):
     # Every program the second process needs (XLA compilations and cache reads both count as one) is read back.
     assert second["programs"] == first["programs"] and second["hits"] == second["programs"]
     assert off["cache"] is None and off["hits"] == 0  # EOMT_JAX_COMPILATION_CACHE=off
+
+
+def test_the_startup_benchmark_times_a_first_and_a_second_run(tmp_path):
+    from eomt_jax import benchmark
+
+    report = benchmark.main(["--suite", "startup", "--tiny", "--image-size", "64", "--startup-sizes", "S",
+                             "--out", str(tmp_path)])
+    (row,) = report["rows"]
+    assert row["model"] == "EoMT-S" and row["first_s"] > 0 and row["second_s"] > 0
+    assert row["cached_programs"] >= 2  # the network and the post-processing at least
+    assert (tmp_path / "predictions_S_second" / "panoptic.json").exists()
+    assert "| EoMT-S | 64 | 64×48 |" in (tmp_path / "startup.md").read_text()
