@@ -132,8 +132,10 @@ class Segmenter:
                 f"image_size={self.image_size}, dtype={self.model.config.dtype!r})")
 
     def __call__(self, images) -> Segmentation | list[Segmentation]:
-        """One image (a path, a PIL image or a uint8 array) -> a `Segmentation`; a list or tuple of them -> a
-        list, predicted together."""
+        """One image (a path, a PIL image or a uint8 array) -> a `Segmentation`; a list or tuple of them, or a
+        uint8 (N, H, W, 3) array -> a list, predicted together."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
         single = not isinstance(images, (list, tuple))
         arrays = [as_rgb8(image) for image in ([images] if single else images)]
         if not arrays:

@@ -152,6 +152,9 @@ def test_a_batched_call_equals_single_calls(checkpoints, task):
         alone = single(Image.open(path))  # a PIL image works as well as its path
         np.testing.assert_array_equal(together.segmentation, alone.segmentation)
         assert together.segments == pytest.approx(alone.segments)
+    same_size = np.stack([np.asarray(Image.open(paths[0]))] * 2)  # (N, H, W, 3) is a batch too
+    for result in single(same_size):
+        np.testing.assert_array_equal(result.segmentation, batched[0].segmentation)
 
 
 def test_inputs_are_checked(checkpoints):
