@@ -7,8 +7,9 @@ shapes (prediction, evaluation, training, `eomt_jax.Segmenter`) starts without c
 A cache directory already chosen through JAX itself (`JAX_COMPILATION_CACHE_DIR`, `jax.config`) is left as it is.
 
 Every program is kept, however fast it compiled: start-up is the sum of many small compilations (the network,
-each post-processing canvas, the optimizer's set-up). Entries are keyed by the program, the compiler options and
-the device kind, so a cache shared between machines never serves a program built for another kind of device.
+each post-processing canvas, the optimizer's set-up). JAX keys the entries by the program, the compiler options
+and flags, the JAX version, and the platform and topology of the devices. Only process 0 writes entries, and
+programs with host callbacks (a training step matching with scipy) are never stored.
 """
 
 from __future__ import annotations
