@@ -117,6 +117,20 @@ def _apply_renames(sd, renames, fused: Callable[[str, np.ndarray, dict], bool], 
     return out, groups
 
 
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    """`np.concatenate(parts, axis=0)`. Parts that all broadcast one and the same value (zero strides: state dicts
+    of shapes only, as the converter's architecture checks build them) stay a broadcast view of the result's shape
+    instead of being written out in full."""
+    first = parts[0]
+    if (first.ndim and first.size and all(isinstance(p, np.ndarray) and p.ndim == first.ndim and p.size
+                                          and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
+                                          and not any(p.strides) for p in parts)):
+        value = first.reshape(-1)[0]
+        if all(p.reshape(-1)[0] == value for p in parts):  # one element stands for all
+            return np.broadcast_to(value, (sum(p.shape[0] for p in parts), *first.shape[1:]))
+    return np.concatenate(parts, axis=0)
+
+
 def hf_eomt_to_official(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sd = {strip_hf_prefix(k): v for k, v in sd.items()}
     sd.pop("embeddings.position_ids", None)
@@ -147,7 +161,7 @@ def hf_eomt_to_official(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if absent:
             missing += [f"{prefix}{p}_proj.{leaf}" for p in absent]
             continue
-        out[target] = np.concatenate([parts[p] for p in order], axis=0)
+        out[target] = _concatenate([parts[p] for p in order])
     if unknown or missing:
         raise ConversionError(problem_report(unknown=unknown, missing=missing, shapes=[]))
     if BB + "pos_embed" in out:
