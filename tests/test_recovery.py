@@ -26,12 +26,23 @@ from eomt_jax.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 from tests.tiny import REPO, runlocal_config
 
 
-def _config(data: Path, total_steps: int, checkpoint_every: int = 100):
+# Every run in this file trains the same program: the same schedule (TOTAL_STEPS; runs end early by
+# max_steps_per_run, a signal or an error) and the on-device matcher. JAX's compilation cache then compiles the
+# train step once for the whole file; the default (scipy) matcher's host callback would make every run compile
+# anew. What these tests check (signals, saves, restores, locks) does not depend on the matcher; training with
+# the default matcher, resumed and across processes: tests/test_train.py, tests/test_multiprocess.py.
+TOTAL_STEPS = 200
+MATCHER = "optax"
+
+
+def _config(data: Path, checkpoint_every: int = 100, max_steps: int = 0):
     config = runlocal_config("coco_panoptic_large")
-    config.total_steps = total_steps
+    config.total_steps = TOTAL_STEPS
+    config.max_steps_per_run = max_steps
     config.log_every_steps = 1
     config.checkpoint_every_steps = checkpoint_every
     config.eval_every_steps = 100
+    config.loss.matcher = MATCHER
     config.data.root = str(data)
     return config
 
@@ -57,12 +68,16 @@ def test_sigterm_saves_the_step_reached_and_the_resume_continues_from_it(tmp_pat
     resumes from that step and logs each step once. (That a resumed run's losses equal an uninterrupted run's:
     tests/test_train.py.)"""
     data = tmp_path / "data"
-    config = _config(data, total_steps=14, checkpoint_every=2)
+    config = _config(data, checkpoint_every=2)
     workdir = tmp_path / "preempted"
     command = [sys.executable, "-m", "eomt_jax.main", "--config=configs/coco_panoptic_large.py:runlocal",
-               f"--workdir={workdir}", "--config.total_steps=14", "--config.log_every_steps=1",
-               "--config.checkpoint_every_steps=2", "--config.eval_every_steps=100", f"--config.data.root={data}"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               f"--workdir={workdir}", f"--config.total_steps={TOTAL_STEPS}", "--config.log_every_steps=1",
+               "--config.checkpoint_every_steps=2", "--config.eval_every_steps=100", f"--config.data.root={data}",
+               f"--config.loss.matcher={MATCHER}"]
+    # This process's devices, precision and compilation cache: the program is the one the other tests compile.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(jax.config.jax_persistent_cache_min_compile_time_secs))
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: (workdir / "checkpoints" / "2").exists() or proc.poll() is not None, what="first checkpoint")
         proc.send_signal(signal.SIGTERM)
@@ -73,22 +88,23 @@ def test_sigterm_saves_the_step_reached_and_the_resume_continues_from_it(tmp_pat
     before = _metrics(workdir)
     reached = before[-1]["step"]
     assert [m["step"] for m in before] == list(range(1, reached + 1))
-    assert reached < 14, "the run ended before the signal: nothing tested"
+    assert reached < TOTAL_STEPS, "the run ended before the signal: nothing tested"
     assert Checkpointer(workdir / "checkpoints").latest_step() == reached
     assert f"stopped by SIGTERM after step {reached}" in out
     assert not (workdir / LOCK_FILE).exists()
 
+    config.max_steps_per_run = 2
     with caplog.at_level(logging.INFO, logger="eomt_jax"):
-        assert train.run(config, workdir, "train")["step"] == 14  # the same run again: resumes
+        assert train.run(config, workdir, "train")["step"] == reached + 2  # the same run again: resumes
     assert f"resuming from {workdir / 'checkpoints'} step {reached}" in caplog.text
     resumed = _metrics(workdir)
-    assert [m["step"] for m in resumed] == list(range(1, 15))
+    assert [m["step"] for m in resumed] == list(range(1, reached + 3))
     assert resumed[:reached] == before  # the steps before the signal, as logged then
     assert all(np.isfinite(m["train/loss"]) for m in resumed)
 
 
 def test_sigint_finishes_the_step_saves_it_and_exits_130(tmp_path):
-    config = _config(tmp_path / "data", total_steps=200)
+    config = _config(tmp_path / "data")
     workdir = tmp_path / "w"
 
     def interrupt():
@@ -100,7 +116,7 @@ def test_sigint_finishes_the_step_saves_it_and_exits_130(tmp_path):
         train.run(config, workdir, "train")
     assert stopped.value.exit_code == 130
     reached = _metrics(workdir)[-1]["step"]
-    assert 2 <= reached < 200
+    assert 2 <= reached < TOTAL_STEPS
     assert Checkpointer(workdir / "checkpoints").all_steps() == [reached]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
@@ -139,7 +155,7 @@ def test_a_non_finite_state_is_never_saved_and_the_last_finite_checkpoint_is_nam
 
     monkeypatch.setattr(train_step.TrainSetup, "jit_step", poisoned)
     monkeypatch.setattr(train, "compile_and_report", lambda fn, *a, **k: fn)
-    config = _config(tmp_path / "data", total_steps=20, checkpoint_every=1)
+    config = _config(tmp_path / "data", checkpoint_every=1)
     config.log_every_steps = 20
     workdir = tmp_path / "w"
     with pytest.raises(train.NonFiniteLoss, match=f"at step 5 .*last finite checkpoint: {workdir}/checkpoints/4"):
@@ -156,9 +172,9 @@ def test_a_non_finite_state_is_never_saved_and_the_last_finite_checkpoint_is_nam
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A workdir with checkpoints 2, 4 and 6 of a 6-step run, and its config."""
+    """A workdir with checkpoints 2, 4 and 6 of a run stopped after 6 steps, and its config."""
     tmp = tmp_path_factory.mktemp("trained")
-    config = _config(tmp / "data", total_steps=6, checkpoint_every=2)
+    config = _config(tmp / "data", checkpoint_every=2, max_steps=6)
     train.run(config, tmp / "w", "train")
     return config, tmp / "w"
 
@@ -194,7 +210,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(trained, tmp_p
     assert (workdir / DAMAGED / "6").is_dir()
     if damage == "manifest deleted":  # and the run goes on past the set-aside step
         config = config.copy_and_resolve_references()
-        config.total_steps = 8
+        config.max_steps_per_run = 4  # steps 5 to 8
         train.run(config, workdir, "train")
         assert Checkpointer(workdir / "checkpoints").all_steps() == [4, 6, 8]
         assert [m["step"] for m in _metrics(workdir)] == list(range(1, 9))
@@ -272,7 +288,7 @@ def test_a_failing_save_is_one_error_naming_the_cause(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device", str(self.directory / str(step) / "state"))
 
     monkeypatch.setattr(Checkpointer, "save", full_disk)
-    config = _config(tmp_path / "data", total_steps=4, checkpoint_every=2)
+    config = _config(tmp_path / "data", checkpoint_every=2)
     with pytest.raises(train.TrainingError, match=r"saving checkpoint .*/checkpoints/2 failed: OSError: \[Errno 28\] "
                                                   r"No space left on device"):
         train.run(config, tmp_path / "w", "train")
