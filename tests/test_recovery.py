@@ -30,7 +30,7 @@ from tests.tiny import REPO, runlocal_config
 # max_steps_per_run, a signal or an error) and the on-device matcher. JAX's compilation cache then compiles the
 # train step once for the whole file; the default (scipy) matcher's host callback would make every run compile
 # anew. What these tests check (signals, saves, restores, locks) does not depend on the matcher; training with
-# the default matcher, resumed and across processes: tests/test_train.py, tests/test_multiprocess.py.
+# the default matcher, resumed and across processes: tests/test_resume.py, tests/test_multiprocess.py.
 TOTAL_STEPS = 200
 MATCHER = "optax"
 
@@ -66,7 +66,7 @@ def _wait_for(predicate, timeout: float = 240.0, what: str = "") -> None:
 def test_sigterm_saves_the_step_reached_and_the_resume_continues_from_it(tmp_path, caplog):
     """`python -m eomt_jax.main` stopped by SIGTERM finishes its step, saves it, exits 143; the same run again
     resumes from that step and logs each step once. (That a resumed run's losses equal an uninterrupted run's:
-    tests/test_train.py.)"""
+    tests/test_resume.py.)"""
     data = tmp_path / "data"
     config = _config(data, checkpoint_every=2)
     workdir = tmp_path / "preempted"
