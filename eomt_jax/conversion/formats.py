@@ -118,9 +118,9 @@ def _apply_renames(sd, renames, fused: Callable[[str, np.ndarray, dict], bool], 
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
-    """`np.concatenate(parts, axis=0)`. Parts that all broadcast one and the same value (zero strides: state dicts
-    of shapes only, as the converter's architecture checks build them) stay a broadcast view of the result's shape
-    instead of being written out in full."""
+    """`np.concatenate(parts, axis=0)`. Parts that all broadcast one and the same value (zero strides: a state dict
+    of shapes only, e.g. from a meta-device model, to check a key map at real size) stay a broadcast view of the
+    result's shape instead of being written out in full."""
     first = parts[0]
     if (first.ndim and first.size and all(isinstance(p, np.ndarray) and p.ndim == first.ndim and p.size
                                           and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
