@@ -76,7 +76,8 @@ def test_gpu_suite_tiny_runs_every_part_and_writes_its_tables(tmp_path):
     report = benchmark.main(["--suite", "gpu", "--tiny", "--out", str(tmp_path)])
     assert not report["skipped"] and not report.get("errors")
     jax_rows = [r for r in report["inference"] if r["framework"] == "jax"]
-    assert {(r["batch"], r["attention"]) for r in jax_rows} == {(1, "plain"), (1, "fused"), (2, "plain"), (2, "fused")}
+    assert {(r["batch"], r["attention"]) for r in jax_rows} == {(2, "plain"), (2, "fused")}
+    assert [r["batch"] for r in report["inference"] if r["framework"] == "torch"] == [2]
     assert all(r["with_postprocess"]["images_per_s"] > 0 for r in report["inference"])
     assert {r["framework"] for r in report["train"]} == {"jax", "torch"}
     fused, plain = (r for r in report["train"] if r["framework"] == "jax")
