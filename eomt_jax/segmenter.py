@@ -105,8 +105,8 @@ class Segmenter:
         meta = pretrained.read_metadata(self.checkpoint)
         self.task = task or meta.get("task")
         if self.task is None:
-            raise ValueError(f"{self.checkpoint} does not say which task it was trained for; pass task= one of "
-                             f"{', '.join(TASKS)}")
+            raise ValueError(f"{self.checkpoint} does not say which task it was trained for; pass task= (predict: "
+                             f"--task) one of {', '.join(TASKS)}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         self.model = pretrained.load(self.checkpoint, dtype=dtype, attention=attention)
