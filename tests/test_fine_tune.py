@@ -15,16 +15,24 @@ from eomt_jax.train_step import split_model
 from tests.tiny import runlocal_config
 
 
-def test_eval_mode_on_a_converted_checkpoint(tmp_path):
-    """--mode=eval end to end: a converted (random) PyTorch checkpoint on the generated COCO panoptic zips."""
+def _from_converted(tmp_path, config_name: str, attn_mask_probs: float | None = None):
+    """A tiny run of `config_name` starting from a converted random 133-class PyTorch EoMT."""
     from eomt_jax.conversion.cli import main as convert_main
     from tests.models import oracle
 
     model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
+    if attn_mask_probs is not None:
+        model.attn_mask_probs.fill_(attn_mask_probs)
     assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
-    config = runlocal_config("coco_panoptic_large")
+    config = runlocal_config(config_name)
     config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
     config.init_from = str(tmp_path / "ckpt")
+    return config
+
+
+def test_eval_mode_on_a_converted_checkpoint(tmp_path):
+    """--mode=eval end to end: a converted (random) PyTorch checkpoint on the generated COCO panoptic zips."""
+    config = _from_converted(tmp_path, "coco_panoptic_large")
     results = evaluation.run(config, tmp_path / "w")
     saved = json.loads((tmp_path / "w" / "eval_metrics.json").read_text())
     assert saved == results and {"PQ", "SQ", "RQ", "PQ_things", "PQ_stuff"} <= set(saved)
@@ -37,16 +45,9 @@ def test_eval_mode_on_a_converted_checkpoint(tmp_path):
 def test_eval_from_a_converted_checkpoint_keeps_its_masked_attention_probabilities(tmp_path, monkeypatch):
     """The stored buffers come with the parameters: `--mode=eval --config.init_from=...` evaluates the network
     with the checkpoint's attn_mask_probs (used with eval.masked_attn=True), not a fresh all-ones buffer."""
-    from eomt_jax.conversion.cli import main as convert_main
     from eomt_jax.evaluation import loop
-    from tests.models import oracle
 
-    model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
-    model.attn_mask_probs.fill_(0.25)
-    assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
-    config = runlocal_config("coco_panoptic_large")
-    config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
-    config.init_from = str(tmp_path / "ckpt")
+    config = _from_converted(tmp_path, "coco_panoptic_large", attn_mask_probs=0.25)
     monkeypatch.setattr(loop, "evaluate", lambda config, model, root, workdir, step=None: model)
     evaluated = loop.run(config, tmp_path / "w")
     np.testing.assert_array_equal(np.asarray(evaluated.attn_mask_probs[...]), [0.25])
@@ -54,15 +55,9 @@ def test_eval_from_a_converted_checkpoint_keeps_its_masked_attention_probabiliti
 
 def test_fine_tune_on_other_classes_keeps_the_backbone_and_skips_the_class_head(tmp_path):
     """The original's recipe: a COCO (133-class) model fine-tuned on ADE20K panoptic (150 classes)."""
-    from eomt_jax.conversion.cli import main as convert_main
     from eomt_jax.tree import flatten_paths
-    from tests.models import oracle
 
-    model = oracle.build(hidden_size=64, depth=2, heads=2, num_blocks=1, queries=8, labels=133)
-    assert convert_main(["--src", str(oracle.save_hf(model, tmp_path / "hf")), "--dst", str(tmp_path / "ckpt")]) == 0
-    config = runlocal_config("ade20k_panoptic_large")
-    config.model.mlp_hidden = 256  # the oracle's MLP ratio is 4
-    config.init_from = str(tmp_path / "ckpt")
+    config = _from_converted(tmp_path, "ade20k_panoptic_large")
     with pytest.raises(ValueError, match="load_class_head=False"):
         train.run(config, tmp_path / "refused", "train")
 
