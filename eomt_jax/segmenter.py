@@ -169,12 +169,12 @@ def _segment(k, label, names, score, area, is_thing) -> dict[str, Any]:
 
 def _panoptic_segments(pred, scores, names, stuff):
     ids = pred[..., 1].astype(np.int32)
-    segments = []
-    for k in np.unique(ids[ids >= 0]):
-        region = ids == k
-        label = int(pred[..., 0][region][0])  # a segment's pixels all carry its query's class
-        segments.append(_segment(k, label, names, scores[k], region.sum(), label not in stuff))
-    return ids, segments
+    assigned = ids >= 0
+    # One pass over the pixels: every segment's area and (its pixels all carry its query's class) its class.
+    present, first, areas = np.unique(ids[assigned], return_index=True, return_counts=True)
+    labels = pred[..., 0][assigned][first]
+    return ids, [_segment(k, label, names, scores[k], area, int(label) not in stuff)
+                 for k, label, area in zip(present, labels, areas)]
 
 
 def _instance_segments(pred, names, threshold):
