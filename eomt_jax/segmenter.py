@@ -180,9 +180,9 @@ def _panoptic_segments(pred, scores, names, stuff):
 def _instance_segments(pred, names, threshold):
     keep = [k for k in np.argsort(-pred["scores"], kind="stable") if pred["scores"][k] >= threshold]
     masks = pred["masks"][keep].astype(bool)
-    segmentation = np.full(masks.shape[1:], -1, np.int32)
-    for k in reversed(range(len(keep))):  # the best-scoring mask painted last, on top
-        segmentation[masks[k]] = k
+    # Each pixel shows the best-scoring mask covering it: the first one, as the masks are sorted by score.
+    segmentation = (np.where(masks.any(0), masks.argmax(0), -1) if len(keep)
+                    else np.full(pred["masks"].shape[1:], -1)).astype(np.int32)
     segments = [_segment(k, pred["labels"][q], names, pred["scores"][q], masks[k].sum(), True)
                 for k, q in enumerate(keep)]
     return segmentation, segments, masks
